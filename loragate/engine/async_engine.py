@@ -1,0 +1,249 @@
+"""`AsyncEngine`: the engine's step loop on one dedicated thread, outputs handed to asyncio.
+
+The gateway's coroutines never run model code: `generate()` posts the request to the loop thread
+and awaits an asyncio.Queue the thread feeds with `call_soon_threadsafe`. Commands (add, abort,
+unregister) are applied by the loop thread between steps, so the engine itself stays
+single-threaded. If a step raises, the loop marks the engine dead, fails every open request, and
+`/health` turns 503.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import traceback
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from loragate.engine.config import EngineConfig
+from loragate.engine.engine import Engine
+from loragate.engine.errors import (
+    AdapterLoadError,
+    AdapterNotFoundError,
+    EngineDeadError,
+    QueueFullError,
+)
+from loragate.engine.outputs import AdapterStats, EngineRequest, EngineStats, RequestOutput
+
+log = logging.getLogger("loragate.engine")
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+class AsyncEngine:
+    """Thread-backed asyncio facade over `Engine` (the interface the gateway programs against)."""
+
+    def __init__(self, config: EngineConfig, engine: Engine | None = None) -> None:
+        self.config = config
+        self.engine = engine or Engine(config)
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.max_model_len
+        self.model_name = config.served_model_name or Path(config.model).name
+        self._cmds: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._dead: str | None = None
+        self._stats = self.engine.stats()
+        self._pending_unregister: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]] = {}
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    @property
+    def is_alive(self) -> bool:
+        return self._dead is None and self._thread is not None and self._thread.is_alive()
+
+    def start_sync(self) -> None:
+        if self._thread is not None:
+            return
+        self.engine.start()
+        self._thread = threading.Thread(target=self._run, name="loragate-engine", daemon=True)
+        self._thread.start()
+
+    async def start(self) -> None:
+        self.start_sync()
+
+    def shutdown_sync(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.engine.shutdown()
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self.shutdown_sync)
+
+    # ---- the loop thread -------------------------------------------------------------------
+    def _post(self, fn: Callable[[], None]) -> None:
+        self._cmds.put(fn)
+        self._wake.set()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                while True:
+                    try:
+                        self._cmds.get_nowait()()
+                    except queue.Empty:
+                        break
+                if self.engine.has_work():
+                    outputs = self.engine.step()
+                    self._deliver(outputs)
+                    self._finish_unregisters()
+                else:
+                    self._finish_unregisters()
+                    self._stats = self.engine.stats()
+                    # wait for a command, or poll while adapters load in the background
+                    self._wake.wait(timeout=0.05 if self.engine.scheduler.num_waiting else 1.0)
+                    self._wake.clear()
+                self._stats = self.engine.stats()
+        except BaseException as exc:  # noqa: BLE001 - the loop must report every failure
+            self._dead = f"{type(exc).__name__}: {exc}"
+            log.error("engine loop died: %s\n%s", self._dead, traceback.format_exc())
+            self._fail_all(self._dead)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            with self._lock:
+                stream = self._streams.get(out.request_id)
+                if out.finished:
+                    self._streams.pop(out.request_id, None)
+            if stream is not None:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            streams, self._streams = self._streams, {}
+        for rid, stream in streams.items():
+            err = RequestOutput(rid, [], "", finished=True, finish_reason="error", error=message)
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, err)
+        for waiters in self._pending_unregister.values():
+            for loop, fut in waiters:
+                loop.call_soon_threadsafe(_set_exc, fut, EngineDeadError(message))
+
+    # ---- requests --------------------------------------------------------------------------
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """Submit and stream outputs. Closing the iterator early aborts the request."""
+        if self._dead is not None or self._thread is None:
+            raise EngineDeadError(self._dead or "engine not started")
+        if self._stats.waiting + len(self._streams) >= self.config.max_queue_len:
+            raise QueueFullError("too many requests in the queue; retry later")
+        if request.adapter and request.adapter in self._pending_unregister:
+            raise AdapterNotFoundError(f"adapter {request.adapter!r} is being removed")
+        self.engine.check_request(request)  # raises before anything is queued
+        stream = _Stream(asyncio.get_running_loop())
+        with self._lock:
+            self._streams[request.request_id] = stream
+        self._post(lambda: self._add(request))
+        finished = False
+        try:
+            while True:
+                out = await stream.queue.get()
+                if out.finished:
+                    finished = True
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def _add(self, request: EngineRequest) -> None:
+        try:
+            self.engine.add_request(request)
+        except Exception as exc:  # noqa: BLE001 - reported to the request, never kills the loop
+            self._deliver([RequestOutput(request.request_id, [], "", finished=True, finish_reason="error",
+                                         error=str(exc))])
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+        self._post(lambda: self.engine.abort(request_id))
+
+    def stats(self) -> EngineStats:
+        s = self._stats
+        return EngineStats(s.running, s.waiting, s.kv_blocks_used, s.kv_blocks_total, s.steps, self.is_alive,
+                           s.preemptions)
+
+    # ---- adapters --------------------------------------------------------------------------
+    def has_adapter(self, name: str) -> bool:
+        return self.engine.adapters is not None and name not in self._pending_unregister \
+            and self.engine.registry.resolve(name) is not None
+
+    def list_adapters(self) -> list[AdapterStats]:
+        if self.engine.adapters is None:
+            return []
+        known = {s.name: s for s in self.engine.adapters.stats()}
+        out = []
+        for name in self.engine.registry.names():
+            if name in known:
+                out.append(known[name])
+            else:
+                path = self.engine.registry.resolve(name) or ""
+                out.append(AdapterStats(name, path, "disk", _dir_size(path), None, 0, 0, None))
+        return out
+
+    def register_adapter(self, name: str, path: str) -> AdapterStats:
+        """Validate the adapter by loading it once, then register it under `name`."""
+        from loragate.engine.adapters.peft_loader import load_peft_adapter
+
+        if self.engine.adapters is None:
+            raise AdapterLoadError("LoRA is disabled on this server")
+        if self.engine.registry.resolve(name) is not None:
+            raise ValueError(f"adapter {name!r} already exists")
+        loaded = load_peft_adapter(path, name, self.engine.base_info, self.config.max_lora_rank)
+        self.engine.registry.register(name, path)
+        return AdapterStats(name, str(path), "disk", loaded.nbytes, loaded.rank, 0, 0, None)
+
+    async def unregister_adapter(self, name: str) -> None:
+        """Stop routing new requests to `name`, wait for its requests to finish, then free it."""
+        if not self.has_adapter(name):
+            raise AdapterNotFoundError(f"adapter {name!r} not found")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        self._pending_unregister.setdefault(name, []).append((loop, fut))
+        self._wake.set()
+        await fut
+
+    def _finish_unregisters(self) -> None:
+        for name in list(self._pending_unregister):
+            if self.engine.adapter_in_use(name):
+                continue
+            waiters = self._pending_unregister.pop(name)
+            err: Exception | None = None
+            try:
+                if self.engine.adapters is not None:
+                    self.engine.adapters.unregister(name)
+                self.engine.registry.unregister(name)
+            except Exception as exc:  # noqa: BLE001
+                err = exc
+            for loop, fut in waiters:
+                if err is None:
+                    loop.call_soon_threadsafe(_set_result, fut, None)
+                else:
+                    loop.call_soon_threadsafe(_set_exc, fut, err)
+
+
+def _set_result(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exc(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+def _dir_size(path: str) -> int:
+    p = Path(path)
+    if not p.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in p.iterdir() if f.is_file())

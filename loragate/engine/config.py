@@ -1,0 +1,40 @@
+"""Engine configuration: one frozen dataclass built once (from CLI flags) and passed down.
+
+Keeping every knob in one immutable object means no module reads globals or environment variables
+on its own, and a test can build an engine with exactly the limits it wants to exercise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to start. Sizes are in bytes unless named otherwise."""
+
+    model: str
+    served_model_name: str | None = None
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    # KV cache: an explicit byte budget wins; otherwise a fraction of free device memory on CUDA,
+    # and `cpu_kv_cache_memory` on the CPU (free RAM is not a safe thing to grab on a shared host).
+    kv_cache_memory: int | None = None
+    gpu_memory_fraction: float = 0.5
+    cpu_kv_cache_memory: int = 1 << 30
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    max_queue_len: int = 4096
+    # LoRA
+    max_loras: int = 16  # device slots
+    max_lora_rank: int = 64
+    max_cpu_adapter_memory: int = 2 << 30
+    adapters: tuple[tuple[str, str], ...] = ()
+    adapter_dir: str | None = None
+    pin_adapters: tuple[str, ...] = ()
+    enable_lora: bool = True
+    # scheduling
+    fairness: str = "vtc"  # vtc | fcfs
+    tenant_weights: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+    seed: int = 0

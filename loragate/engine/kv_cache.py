@@ -1,0 +1,90 @@
+"""Paged KV cache: fixed-size blocks, a free list, and per-sequence block tables.
+
+Memory is sized once at start-up from an explicit byte budget (or a fraction of free device
+memory) and never grows: a request that does not fit waits or preempts another, it never makes
+the server allocate more. Each layer's keys and values live in one flat [slots, kv_heads, head_dim]
+tensor; slot = block * block_size + offset.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    def bytes_per_block(self) -> int:
+        elem = torch.finfo(self.dtype).bits // 8
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    def blocks_for_budget(self, nbytes: int) -> int:
+        return max(0, nbytes // self.bytes_per_block())
+
+
+class BlockAllocator:
+    """A free list of block ids. Allocation is all-or-nothing so a step never half-admits."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise MemoryError(f"need {n} KV blocks, {len(self._free)} free")
+        out = [self._free.pop() for _ in range(n)]
+        return out
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+class KVCache:
+    """The cache tensors of every layer plus the allocator of their blocks."""
+
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device) -> None:
+        if num_blocks < 1:
+            raise ValueError("KV cache budget too small for even one block")
+        self.spec = spec
+        self.block_size = spec.block_size
+        self.allocator = BlockAllocator(num_blocks)
+        slots = num_blocks * spec.block_size
+        shape = (slots, spec.num_kv_heads, spec.head_dim)
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
+            (torch.zeros(shape, dtype=spec.dtype, device=device), torch.zeros(shape, dtype=spec.dtype, device=device))
+            for _ in range(spec.num_layers)
+        ]
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    @staticmethod
+    def slot(block_table: list[int], position: int, block_size: int) -> int:
+        return block_table[position // block_size] * block_size + position % block_size
+
+
+def kv_budget_bytes(explicit: int | None, device: torch.device, fraction: float, cpu_default: int) -> int:
+    """Bytes the KV cache may take: explicit wins; CUDA takes a fraction of free memory."""
+    if explicit is not None:
+        return explicit
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * fraction)
+    return cpu_default

@@ -1,0 +1,72 @@
+"""Attention over a paged KV cache for a flat batch that mixes prefill chunks and decodes.
+
+Decode tokens (one query per sequence) are attended in one batched call: each sequence's cached
+keys are gathered through its block table into a padded [B, L] index, masked past its length.
+Prefill chunks are attended one sequence at a time with a bottom-right causal mask (the chunk's
+queries sit at the end of the sequence's context), which covers plain prefill, chunked prefill
+and recompute after preemption with one code path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """A run of query tokens of one sequence: flat-batch rows [start, end), context length ctx."""
+
+    start: int
+    end: int
+    kv_index: torch.Tensor  # [ctx] cache slots of the whole context, this chunk's tokens included
+    fresh: bool  # the chunk is the whole context: attend to the freshly computed k/v directly
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step attention inputs, built once by the engine and shared by every layer."""
+
+    slot_mapping: torch.Tensor  # [T] cache slot each token's k/v is written to
+    decode_rows: torch.Tensor | None = None  # [Bd] flat-batch rows that are single-token decodes
+    decode_kv_index: torch.Tensor | None = None  # [Bd, L] cache slots, padded
+    decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, L] True where attendable
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, Hq, D] (rope applied)
+    k: torch.Tensor,  # [T, Hk, D]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [slots, Hk, D]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Write this step's k/v into the cache, then attend. Returns [T, Hq*D]."""
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    T, Hq, D = q.shape
+    gqa = Hq != k.shape[1]
+    out = torch.empty_like(q)
+    if meta.decode_rows is not None and meta.decode_rows.numel():
+        qd = q.index_select(0, meta.decode_rows).unsqueeze(2)  # [Bd, Hq, 1, D]
+        kd = k_cache[meta.decode_kv_index].transpose(1, 2)  # [Bd, Hk, L, D]
+        vd = v_cache[meta.decode_kv_index].transpose(1, 2)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=gqa)
+        out.index_copy_(0, meta.decode_rows, od.squeeze(2))
+    for chunk in meta.prefills:
+        qp = q[chunk.start:chunk.end].transpose(0, 1)  # [Hq, n, D]
+        if chunk.fresh:
+            kp = k[chunk.start:chunk.end].transpose(0, 1)
+            vp = v[chunk.start:chunk.end].transpose(0, 1)
+            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            kp = k_cache[chunk.kv_index].transpose(0, 1)  # [Hk, ctx, D]
+            vp = v_cache[chunk.kv_index].transpose(0, 1)
+            n, ctx = chunk.end - chunk.start, chunk.kv_index.numel()
+            mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - n)
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[chunk.start:chunk.end] = op.transpose(0, 1)
+    return out.reshape(T, Hq * D)

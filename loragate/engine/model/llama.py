@@ -1,0 +1,95 @@
+"""Our Llama-family forward pass over a flat batch.
+
+All tokens of all sequences of a step are concatenated into one [T, hidden] tensor; positions and
+KV slots travel beside them. Every projection LoRA can target is followed by one batched LoRA call
+(`add_lora`) that reads the step's segment table, so tokens of many adapters and of the base model
+share every matmul of the base weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from loragate.engine.model.attention import AttentionMetadata, paged_attention
+from loragate.engine.model.config import ModelConfig
+from loragate.engine.model.lora import LoraWeights, group_specs
+from loragate.engine.model.rope import RotaryEmbedding
+from loragate.kernels import add_lora
+from loragate.kernels.layout import LoraBatchLayout
+
+
+@dataclass
+class ForwardBatch:
+    """The model's inputs for one step."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attn: AttentionMetadata
+    logits_rows: torch.Tensor  # [B] rows whose next-token logits are needed
+    lora: LoraBatchLayout | None = None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32 and cast back, exactly as transformers' LlamaRMSNorm does."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class LlamaModel:
+    """Weights plus the forward pass. Stateless apart from weights: the KV cache is passed in."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
+                 dtype: torch.dtype, max_positions: int) -> None:
+        self.cfg = cfg
+        self.w = weights
+        self.device = device
+        self.dtype = dtype
+        self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device, dtype)
+        self.scale = cfg.head_dim ** -0.5
+        self.lora: LoraWeights | None = None
+        self.lora_specs = group_specs(cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size)
+        self._layers = [self._layer_weights(i) for i in range(cfg.num_layers)]
+
+    def _layer_weights(self, i: int) -> dict[str, torch.Tensor | None]:
+        p = f"layers.{i}."
+        return {k: self.w.get(p + k) for k in ("qkv", "qkv_bias", "o", "gate_up", "down", "input_norm", "post_norm")}
+
+    def attach_lora(self, lora: LoraWeights) -> None:
+        self.lora = lora
+
+    def _proj(self, x: torch.Tensor, weight: torch.Tensor, layer: int, group: str,
+              layout: LoraBatchLayout | None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        y = F.linear(x, weight, bias)
+        if layout is not None and not layout.empty and self.lora is not None:
+            spec = self.lora_specs[group]
+            add_lora(y, x, self.lora.A[layer][group], self.lora.B[layer][group], spec.slice_offsets, layout)
+        return y
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Returns fp32 logits [B, vocab] for `batch.logits_rows`."""
+        cfg = self.cfg
+        T = batch.input_ids.shape[0]
+        layout = batch.lora
+        h = F.embedding(batch.input_ids, self.w["embed"])
+        for i, lw in enumerate(self._layers):
+            x = rms_norm(h, lw["input_norm"], cfg.rms_norm_eps)
+            qkv = self._proj(x, lw["qkv"], i, "qkv", layout, lw["qkv_bias"])
+            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            q = q.view(T, cfg.num_heads, cfg.head_dim)
+            k = k.view(T, cfg.num_kv_heads, cfg.head_dim)
+            v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
+            q, k = self.rope.apply(q, k, batch.positions)
+            k_cache, v_cache = kv_caches[i]
+            attn = paged_attention(q, k, v, k_cache, v_cache, batch.attn, self.scale)
+            h = h + self._proj(attn, lw["o"], i, "o", layout)
+            x = rms_norm(h, lw["post_norm"], cfg.rms_norm_eps)
+            gu = self._proj(x, lw["gate_up"], i, "gate_up", layout)
+            gate, up = gu.chunk(2, dim=-1)
+            h = h + self._proj(F.silu(gate) * up, lw["down"], i, "down", layout)
+        last = h.index_select(0, batch.logits_rows)
+        last = rms_norm(last, self.w["norm"], cfg.rms_norm_eps)
+        return F.linear(last, self.w["lm_head"]).float()

@@ -1,0 +1,75 @@
+"""The engine's request and output types: the whole vocabulary the gateway and engine share."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from loragate.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class EngineRequest:
+    """One generation request as the engine sees it: token ids in, an adapter name, a tenant."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter: str | None = None  # None = base model
+    tenant: str | None = None  # fairness is counted per tenant when set, else per adapter
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class TokenLogprob:
+    """Logprob of one generated token and its top alternatives (token id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """An increment of one request's output, emitted after each step that produced tokens."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool = False
+    finish_reason: str | None = None  # stop | length | abort | error
+    new_logprobs: list[TokenLogprob] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    # timing, filled on the engine side (monotonic seconds) for metrics
+    queue_time: float | None = None
+    first_token_time: float | None = None
+
+
+@dataclass
+class EngineStats:
+    """Counters the gateway exports as metrics and tests use to check nothing leaked."""
+
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    steps: int
+    alive: bool
+    preemptions: int = 0
+
+
+@dataclass
+class AdapterStats:
+    """One adapter's state in the tiered cache."""
+
+    name: str
+    path: str
+    tier: str  # device | cpu | disk | loading | failed
+    size_bytes: int
+    rank: int | None
+    requests_served: int
+    load_count: int
+    last_load_seconds: float | None
+    pinned: bool = False
+    error: str | None = None

@@ -1,0 +1,201 @@
+"""Continuous batching: which sequences run this step, and how many of their tokens.
+
+Each step has a token budget (`max_num_batched_tokens`) and a sequence cap (`max_num_seqs`).
+Running sequences go first (one decode token each, or the next chunk of a long prompt); the rest
+of the budget admits waiting requests. Whom to admit is the fairness policy's call (VTC by
+default), among clients whose next request is admissible now: its adapter is resident in a device
+slot (loads happen on the adapter cache's own thread, so the step never waits for one) and its
+first chunk's KV blocks are free. When blocks run out, the most recently admitted sequence is
+preempted (its blocks freed, recomputed later): no request is ever dropped.
+
+The scheduler decides; the engine executes (vLLM v1's split).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from loragate.engine.config import EngineConfig
+from loragate.engine.kv_cache import KVCache
+from loragate.engine.sequence import Sequence, SeqState
+
+if TYPE_CHECKING:
+    from loragate.engine.adapters.cache import AdapterCache
+    from loragate.engine.fairness import FairnessPolicy
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # tokens computed this step, starting at seq.num_computed
+    sample: bool  # this chunk reaches the end of the sequence: sample its next token
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)  # ordered by adapter slot
+    preempted: list[Sequence] = field(default_factory=list)
+    failed: list[tuple[Sequence, str]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    """Per-client FIFO queues + a running list, over a bounded KV cache."""
+
+    def __init__(self, config: EngineConfig, kv: KVCache, policy: "FairnessPolicy",
+                 adapters: "AdapterCache | None") -> None:
+        self.config = config
+        self.kv = kv
+        self.policy = policy
+        self.adapters = adapters
+        self.queues: dict[str, deque[Sequence]] = {}
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ---- bookkeeping ----------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def has_work(self) -> bool:
+        return bool(self.running) or self.num_waiting > 0
+
+    def backlogged(self) -> list[str]:
+        return [c for c, q in self.queues.items() if q]
+
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        queue = self.queues.setdefault(seq.client, deque())
+        if not queue:
+            self.policy.on_enqueue(seq.client, self.backlogged())
+        if front:
+            queue.appendleft(seq)
+        else:
+            queue.append(seq)
+        if seq.request.adapter and self.adapters is not None:
+            self.adapters.request(seq.request.adapter)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take `seq` out of whatever list holds it and give back its blocks and slot."""
+        if seq.state is SeqState.RUNNING:
+            self.running.remove(seq)
+            self._release(seq)
+        elif seq.state is SeqState.WAITING:
+            queue = self.queues.get(seq.client)
+            if queue is not None and seq in queue:
+                queue.remove(seq)
+        seq.state = SeqState.FINISHED
+
+    def _release(self, seq: Sequence) -> None:
+        self.kv.allocator.free(seq.block_table)
+        seq.block_table = []
+        if seq.request.adapter and self.adapters is not None and seq.slot >= 0:
+            self.adapters.release(seq.request.adapter)
+        seq.slot = -1
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.num_computed = 0
+        seq.state = SeqState.WAITING
+        seq.preemptions += 1
+        self.num_preemptions += 1
+        self.add(seq, front=True)
+
+    def _grow(self, seq: Sequence, upto: int) -> bool:
+        """Make sure seq has blocks for positions [0, upto)."""
+        need = self.kv.blocks_needed(upto) - len(seq.block_table)
+        if need <= 0:
+            return True
+        if not self.kv.allocator.can_allocate(need):
+            return False
+        seq.block_table.extend(self.kv.allocator.allocate(need))
+        return True
+
+    # ---- the decision -----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        # 1. running sequences, oldest first; preempt the newest when blocks run out
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while not self._grow(seq, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.state is not SeqState.RUNNING:
+                break  # seq preempted itself: everything after it is gone too
+            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed + n == seq.num_tokens))
+            budget -= n
+            i += 1
+        # 2. admission, fair across clients, only if nobody had to be preempted
+        if not out.preempted:
+            self._admit(out, budget)
+        out.scheduled.sort(key=lambda s: s.seq.slot)
+        for s in out.scheduled:
+            prefill = min(s.num_tokens, max(0, len(s.seq.prompt_ids) - s.seq.num_computed))
+            if prefill:
+                self.policy.charge(s.seq.client, prompt_tokens=prefill)
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        while budget > 0 and len(self.running) < self.config.max_num_seqs:
+            candidates = []
+            for client, queue in self.queues.items():
+                if not queue:
+                    continue
+                head = queue[0]
+                if self._adapter_slot(head, out) is None:
+                    continue
+                candidates.append((client, head.request.arrival_time))
+            if not candidates:
+                return
+            client = self.policy.pick(candidates)
+            seq = self.queues[client][0]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self._grow(seq, seq.num_computed + n):
+                return  # no memory for the fairest choice: wait rather than skip past it
+            self.queues[client].popleft()
+            slot = -1
+            if seq.request.adapter and self.adapters is not None:
+                slot = self.adapters.acquire(seq.request.adapter)
+            seq.slot = slot
+            seq.state = SeqState.RUNNING
+            if seq.admitted_at is None:
+                seq.admitted_at = time.monotonic()
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed + n == seq.num_tokens))
+            budget -= n
+
+    def _adapter_slot(self, head: Sequence, out: SchedulerOutput) -> int | None:
+        """The head's device slot (-1 for base), or None if it cannot run yet. Heads whose adapter
+        failed to load are failed here, so one broken adapter never blocks its client's queue."""
+        name = head.request.adapter
+        if not name or self.adapters is None:
+            return -1
+        while True:
+            slot = self.adapters.slot_of(name)
+            if slot is not None:
+                return slot
+            err = self.adapters.error_of(name)
+            if err is None:
+                self.adapters.request(name)
+                return None
+            queue = self.queues[head.client]
+            queue.popleft()
+            head.state = SeqState.FINISHED
+            out.failed.append((head, err))
+            if not queue:
+                return None
+            head = queue[0]
+            name = head.request.adapter
+            if not name:
+                return -1

@@ -1,0 +1,64 @@
+"""A request inside the engine: token state, KV blocks and an explicit lifecycle.
+
+State machine (nano-vllm / vLLM v1 style): WAITING -> RUNNING -> FINISHED, with RUNNING ->
+WAITING on preemption (blocks freed; the prompt and tokens generated so far are recomputed on
+re-admission, so nothing already streamed is lost or repeated).
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from loragate.engine.detokenizer import TextStream
+from loragate.engine.outputs import EngineRequest
+
+
+class SeqState(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request: EngineRequest
+    client: str  # fairness key: tenant, else adapter, else "base"
+    text: TextStream
+    generator: torch.Generator | None = None
+    state: SeqState = SeqState.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose k/v are in the cache
+    slot: int = -1  # adapter device slot while RUNNING, -1 for base
+    finish_reason: str | None = None
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    preemptions: int = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.request.prompt_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_token_ids) + len(self.output_ids)
+
+    def token_at(self, i: int) -> int:
+        p = self.request.prompt_token_ids
+        return p[i] if i < len(p) else self.output_ids[i - len(p)]
+
+    @property
+    def in_prefill(self) -> bool:
+        """True while more than the last token still has to go through the model."""
+        return self.num_tokens - self.num_computed > 1
+
+    @property
+    def waited(self) -> float:
+        return (self.admitted_at or time.monotonic()) - self.request.arrival_time

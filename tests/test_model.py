@@ -1,0 +1,93 @@
+"""Our forward pass against transformers: prefill and decode logits for every supported shape."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loragate.engine.kv_cache import KVCache, KVCacheSpec
+from loragate.engine.model.attention import AttentionMetadata, PrefillChunk
+from loragate.engine.model.config import ModelConfig, UnsupportedModelError
+from loragate.engine.model.llama import ForwardBatch, LlamaModel
+from loragate.engine.model.loader import fused_weights, read_tensors
+from loragate.testing import SHAPES
+
+SHAPE_NAMES = list(SHAPES)
+
+
+def load_ours(path) -> tuple[ModelConfig, LlamaModel]:
+    cfg = ModelConfig.from_dir(path)
+    w = fused_weights(cfg, read_tensors(path), torch.device("cpu"), torch.float32)
+    return cfg, LlamaModel(cfg, w, torch.device("cpu"), torch.float32, max_positions=cfg.max_position_embeddings)
+
+
+def hf_logits(path, ids: list[int]) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def run_ours(cfg: ModelConfig, model: LlamaModel, ids: list[int], chunks: list[int]) -> torch.Tensor:
+    """Feed `ids` in chunks of the given sizes through the paged cache; logits of every position."""
+    block = 4
+    kv = KVCache(KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block, torch.float32), 64, torch.device("cpu"))
+    # a deliberately scrambled block table: pages need not be contiguous
+    table = torch.tensor(kv.allocator.allocate(kv.blocks_needed(len(ids)))[::-1])
+    outs, start = [], 0
+    for n in chunks:
+        pos = torch.arange(start, start + n)
+        slots = table[pos // block] * block + pos % block
+        if n == 1 and start > 0:
+            ctx = torch.arange(start + 1)
+            meta = AttentionMetadata(
+                slot_mapping=slots,
+                decode_rows=torch.tensor([0]),
+                decode_kv_index=(table[ctx // block] * block + ctx % block).unsqueeze(0),
+                decode_mask=torch.ones(1, 1, 1, start + 1, dtype=torch.bool),
+            )
+        else:
+            ctx = torch.arange(start + n)
+            meta = AttentionMetadata(slot_mapping=slots, prefills=[
+                PrefillChunk(0, n, table[ctx // block] * block + ctx % block, fresh=start == 0)])
+        batch = ForwardBatch(torch.tensor(ids[start:start + n]), pos, meta, torch.arange(n))
+        outs.append(model.forward(batch, kv.layers))
+        start += n
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("shape", SHAPE_NAMES)
+def test_prefill_and_decode_logits_match_transformers(checkpoints, shape):
+    path = checkpoints(shape)
+    cfg, model = load_ours(path)
+    ids = torch.randint(3, cfg.vocab_size, (24,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref = hf_logits(path, ids)
+    # whole prefill, chunked prefill (prefix in cache), then token-by-token decode
+    for chunks in ([24], [10, 7, 7], [16] + [1] * 8):
+        ours = run_ours(cfg, model, ids, chunks)
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_sharded_checkpoint_loads(checkpoints):
+    path = checkpoints("llama3", max_shard_size="40KB")
+    assert (path / "model.safetensors.index.json").exists()
+    cfg, model = load_ours(path)
+    ids = list(range(3, 20))
+    torch.testing.assert_close(run_ours(cfg, model, ids, [len(ids)]), hf_logits(path, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
+        ModelConfig.from_dir(tmp_path)
+
+
+def test_pickled_checkpoint_is_refused(checkpoints, tmp_path):
+    import shutil
+
+    src = checkpoints("llama2")
+    shutil.copy(src / "config.json", tmp_path / "config.json")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match="pickled"):
+        read_tensors(tmp_path)
