@@ -7,7 +7,7 @@ layer sorts, searches or synchronises with the host on its own (the Punica/SGMV 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,6 +36,9 @@ class LoraBatchLayout:
     seg_scales: torch.Tensor  # float32 [S]
     max_seg_len: int
     max_rank: int
+    # per-step memo of derived index tensors (e.g. the torch path's gather plan): built at most
+    # once per step however many layers use the layout
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def empty(self) -> bool:

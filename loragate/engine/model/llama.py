@@ -50,6 +50,7 @@ class LlamaModel:
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device, dtype)
         self.scale = cfg.head_dim ** -0.5
         self.lora: LoraWeights | None = None
+        self._groups: frozenset[str] = frozenset()
         self.lora_specs = group_specs(cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size)
         self._layers = [self._layer_weights(i) for i in range(cfg.num_layers)]
 
@@ -60,10 +61,16 @@ class LlamaModel:
     def attach_lora(self, lora: LoraWeights) -> None:
         self.lora = lora
 
+    def _active_groups(self, layout: LoraBatchLayout | None) -> frozenset[str]:
+        """Groups that at least one adapter of this step targets; the others skip LoRA entirely."""
+        if layout is None or layout.empty or self.lora is None:
+            return frozenset()
+        return frozenset().union(*(self.lora.slot_groups[s.slot] for s in layout.segments))
+
     def _proj(self, x: torch.Tensor, weight: torch.Tensor, layer: int, group: str,
               layout: LoraBatchLayout | None, bias: torch.Tensor | None = None) -> torch.Tensor:
         y = F.linear(x, weight, bias)
-        if layout is not None and not layout.empty and self.lora is not None:
+        if layout is not None and group in self._groups:
             spec = self.lora_specs[group]
             add_lora(y, x, self.lora.A[layer][group], self.lora.B[layer][group], spec.slice_offsets, layout)
         return y
@@ -74,6 +81,7 @@ class LlamaModel:
         cfg = self.cfg
         T = batch.input_ids.shape[0]
         layout = batch.lora
+        self._groups = self._active_groups(layout)
         h = F.embedding(batch.input_ids, self.w["embed"])
         for i, lw in enumerate(self._layers):
             x = rms_norm(h, lw["input_norm"], cfg.rms_norm_eps)

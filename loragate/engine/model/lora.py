@@ -87,6 +87,8 @@ class LoraWeights:
             })
         self.slot_ranks: list[int] = [0] * max_loras
         self.slot_scales: list[float] = [0.0] * max_loras
+        # groups each slot's adapter targets: a step skips a group no adapter in it targets
+        self.slot_groups: list[frozenset[str]] = [frozenset()] * max_loras
 
     def nbytes_per_slot(self) -> int:
         per = sum(t[0].numel() for t in self.A[0].values()) + sum(t[0].numel() for t in self.B[0].values())
@@ -118,9 +120,11 @@ class LoraWeights:
             self.B[layer][group][slot, off : off + spec.slice_out[idx], :r].copy_(b, non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
+        self.slot_groups[slot] = frozenset(MODULE_TO_GROUP[m][0] for (_, m) in weights)
         self.slot_scales[slot] = float(scale)
         self.slot_ranks[slot] = int(rank)
 
     def clear_slot(self, slot: int) -> None:
         self.slot_ranks[slot] = 0
+        self.slot_groups[slot] = frozenset()
         self.slot_scales[slot] = 0.0

@@ -1,0 +1,130 @@
+"""Decode throughput of the engine vs HF transformers' generate vs the matmul floor.
+
+One run, one machine, random SmolLM-135M-shaped checkpoint (hidden 576, 30 layers, 9 heads,
+3 KV heads, intermediate 1536, vocab 49152), bf16 by default. For each batch size B:
+  ours     - B requests prefilled, then the time of N decode steps of the engine
+  hf       - transformers' generate on the same B prompts (greedy), prefill time subtracted
+  floor    - the same model's matmuls alone (qkv, o, gate_up, down per layer + lm_head) at batch B
+Prints tokens/s and the ratios the issue names: step / floor at B=32, ours / hf at B=8.
+
+    python bench/engine.py [--batches 1 8 32 64] [--steps 32] [--dtype bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import uuid
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import machine, smollm_checkpoint, timeit
+from loragate.engine.config import EngineConfig
+from loragate.engine.engine import Engine
+from loragate.engine.outputs import EngineRequest
+from loragate.engine.sampling_params import SamplingParams
+
+PROMPT_LEN = 32
+
+
+def prompts(batch: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(10, vocab, (batch, PROMPT_LEN), generator=g).tolist()
+
+
+def bench_ours(engine: Engine, batch: int, steps: int) -> float:
+    """Seconds per decode step at batch `batch` (all sequences decoding)."""
+    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    ids = []
+    for p in prompts(batch, engine.model_config.vocab_size):
+        rid = uuid.uuid4().hex
+        ids.append(rid)
+        engine.add_request(EngineRequest(rid, p, params))
+    while any(engine.seqs[r].num_computed < len(engine.seqs[r].prompt_ids) for r in ids):
+        engine.step()
+    engine.step()  # first decode step (warm-up of the decode path)
+    t = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    dt = (time.perf_counter() - t) / steps
+    for r in ids:
+        engine.abort(r)
+    return dt
+
+
+def bench_hf(path, batch: int, steps: int, dtype: torch.dtype) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    x = torch.tensor(prompts(batch, model.config.vocab_size))
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        model.generate(x, max_new_tokens=2, min_new_tokens=2, **kw)
+        t0 = time.perf_counter()
+        model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
+        t_prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.generate(x, max_new_tokens=steps + 1, min_new_tokens=steps + 1, **kw)
+        t_all = time.perf_counter() - t0
+    return (t_all - t_prefill) / steps
+
+
+def bench_floor(engine: Engine, batch: int) -> float:
+    """Seconds for one decode step's matmuls alone (weights as loaded by the engine)."""
+    w = engine.model.w
+    cfg = engine.model_config
+    x_h = torch.randn(batch, cfg.hidden_size, dtype=engine.dtype)
+    x_q = torch.randn(batch, cfg.q_size, dtype=engine.dtype)
+    x_i = torch.randn(batch, cfg.intermediate_size, dtype=engine.dtype)
+
+    def step():
+        for i in range(cfg.num_layers):
+            p = f"layers.{i}."
+            F.linear(x_h, w[p + "qkv"])
+            F.linear(x_q, w[p + "o"])
+            F.linear(x_h, w[p + "gate_up"])
+            F.linear(x_i, w[p + "down"])
+        F.linear(x_h, w["lm_head"])
+
+    with torch.inference_mode():
+        return timeit(step, iters=10)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args()
+    path = smollm_checkpoint(args.dtype)
+    dtype = getattr(torch, args.dtype)
+    cfg = EngineConfig(model=str(path), dtype=args.dtype, device=args.device, max_num_seqs=max(args.batches),
+                       max_num_batched_tokens=4096, kv_cache_memory=1 << 30, enable_lora=False)
+    engine = Engine(cfg)
+    print(f"# bench/engine.py  {time.strftime('%Y-%m-%d')}  {machine()}  dtype={args.dtype}  threads={torch.get_num_threads()}")
+    print(f"{'batch':>5} {'ours tok/s':>11} {'hf tok/s':>10} {'floor tok/s':>12} {'step ms':>8} {'floor ms':>9} "
+          f"{'step/floor':>10} {'ours/hf':>8}")
+    rows = []
+    for b in args.batches:
+        ours = bench_ours(engine, b, args.steps)
+        floor = bench_floor(engine, b)
+        hf = None if args.skip_hf else bench_hf(path, b, args.steps, dtype)
+        row = dict(batch=b, ours_tok_s=b / ours, hf_tok_s=(b / hf) if hf else None, floor_tok_s=b / floor,
+                   step_ms=ours * 1e3, floor_ms=floor * 1e3, step_over_floor=ours / floor,
+                   ours_over_hf=(hf / ours) if hf else None)
+        rows.append(row)
+        hf_s = f"{row['hf_tok_s']:10.1f}" if hf else f"{'-':>10}"
+        ratio = f"{row['ours_over_hf']:8.2f}" if hf else f"{'-':>8}"
+        print(f"{b:5d} {row['ours_tok_s']:11.1f} {hf_s} {row['floor_tok_s']:12.1f} {row['step_ms']:8.2f} "
+              f"{row['floor_ms']:9.2f} {row['step_over_floor']:10.2f} {ratio}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=machine(), dtype=args.dtype, rows=rows), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Dispatcher of the batched LoRA ops: Triton for CUDA tensors, the torch reference otherwise.
+
+`LORAGATE_LORA_BACKEND=triton|torch` forces a backend (tests use it to run the Triton kernels on
+CPU tensors under `TRITON_INTERPRET=1`). The variable is read on every call so a test can switch
+it; triton is imported lazily, so the package works where triton is not installed.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from functools import lru_cache
+from types import ModuleType
+
+import torch
+
+from loragate.kernels.layout import LoraBatchLayout
+from loragate.kernels.lora_ref import add_lora_ref, lora_expand_ref, lora_shrink_ref
+
+BACKEND_ENV = "LORAGATE_LORA_BACKEND"
+BACKENDS = ("torch", "triton")
+
+
+@lru_cache(maxsize=1)
+def _triton_module() -> ModuleType | None:
+    """`lora_triton`, or None when triton cannot be imported here."""
+    try:
+        from loragate.kernels import lora_triton
+    except Exception:  # ImportError, or a triton install without a usable backend
+        return None
+    return lora_triton
+
+
+def triton_available() -> bool:
+    return _triton_module() is not None
+
+
+def select_backend(tensor: torch.Tensor) -> str:
+    """The backend for ops on `tensor`: the forced one if set, else triton on CUDA when available."""
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {forced!r}")
+        if forced == "triton" and not triton_available():
+            raise RuntimeError(f"{BACKEND_ENV}=triton but triton cannot be imported")
+        return forced
+    return "triton" if tensor.is_cuda and triton_available() else "torch"
+
+
+def lora_shrink(x: torch.Tensor, A: torch.Tensor, layout: LoraBatchLayout) -> torch.Tensor:
+    """float32 `[T, S, R]`: t[seg, s, :r] = x[seg] @ A[slot, s, :r].T, zeros elsewhere."""
+    if select_backend(x) == "triton":
+        return _triton_module().lora_shrink_triton(x, A, layout)
+    return lora_shrink_ref(x, A, layout)
+
+
+def lora_expand(
+    y: torch.Tensor,
+    t: torch.Tensor,
+    B: torch.Tensor,
+    slice_offsets: Sequence[int],
+    layout: LoraBatchLayout,
+) -> None:
+    """In place: y[seg, off_s:off_s1] += scale * t[seg, s, :r] @ B[slot, off_s:off_s1, :r].T."""
+    if select_backend(y) == "triton":
+        _triton_module().lora_expand_triton(y, t, B, slice_offsets, layout)
+    else:
+        lora_expand_ref(y, t, B, slice_offsets, layout)
+
+
+def add_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    slice_offsets: Sequence[int],
+    layout: LoraBatchLayout,
+) -> None:
+    """y += LoRA delta of every segment (what each LoRA-targeted projection group calls)."""
+    if layout.empty:
+        return
+    if select_backend(y) == "triton":
+        _triton_module().add_lora_triton(y, x, A, B, slice_offsets, layout)
+    else:
+        add_lora_ref(y, x, A, B, slice_offsets, layout)

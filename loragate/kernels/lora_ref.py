@@ -1,0 +1,189 @@
+"""Torch reference of the batched multi-adapter LoRA ops: the CPU serving path and the test oracle.
+
+Because the layout keeps each adapter's tokens contiguous, every segment is a plain slice of the
+batch (`x[start:start + length]`, a view), so each segment costs one matmul for the shrink (all
+slices of the fused group at once) and one `addmm_` per slice for the expand. Only the first `r`
+rows of A / columns of B are read: padding up to `max_rank` is never computed. Nothing here reads
+a tensor back to the host (segment data comes from the layout's host-side `segments` list).
+
+Conventions shared with the Triton version (`lora_triton.py`):
+- `t = lora_shrink(x, A, layout)` is float32 `[T, S, R]` and fully defined: rows of base-only
+  tokens and rank columns `>= r` of each segment are zero.
+- `lora_expand` reads only the segment rows and the first `r` columns of `t`, so it does not
+  depend on what the rest of `t` holds (the fused paths rely on this and skip the zero fill).
+- Base-only rows of `y` are never written.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from loragate.kernels.layout import LoraBatchLayout
+
+
+def check_shapes(
+    x: torch.Tensor | None,
+    y: torch.Tensor | None,
+    A: torch.Tensor | None,
+    B: torch.Tensor | None,
+    slice_offsets: Sequence[int] | None,
+    layout: LoraBatchLayout,
+) -> None:
+    """Cheap host-side shape checks (no device sync) shared by both backends: a wrong shape here
+    would otherwise read out of bounds in the Triton kernels."""
+    if A is not None:
+        if A.dim() != 4:
+            raise ValueError(f"A must be [L, S, R, in], got {tuple(A.shape)}")
+        if layout.max_rank > A.shape[2]:
+            raise ValueError(f"segment rank {layout.max_rank} exceeds buffer rank {A.shape[2]}")
+    if B is not None:
+        if B.dim() != 3:
+            raise ValueError(f"B must be [L, N, R], got {tuple(B.shape)}")
+        if layout.max_rank > B.shape[2]:
+            raise ValueError(f"segment rank {layout.max_rank} exceeds buffer rank {B.shape[2]}")
+    for name, v in (("x", x), ("y", y)):
+        if v is not None and (v.dim() != 2 or v.shape[0] != layout.num_tokens):
+            raise ValueError(f"{name} must be [{layout.num_tokens}, dim], got {tuple(v.shape)}")
+    if x is not None and A is not None and x.shape[1] != A.shape[3]:
+        raise ValueError(f"x width {x.shape[1]} != A in_dim {A.shape[3]}")
+    if slice_offsets is not None:
+        if slice_offsets[0] != 0 or any(b < a for a, b in zip(slice_offsets, slice_offsets[1:])):
+            raise ValueError(f"bad slice_offsets {tuple(slice_offsets)}")
+        if A is not None and len(slice_offsets) != A.shape[1] + 1:
+            raise ValueError(f"{len(slice_offsets) - 1} slices but A has {A.shape[1]}")
+        if B is not None and slice_offsets[-1] != B.shape[1]:
+            raise ValueError(f"slice_offsets end {slice_offsets[-1]} != B rows {B.shape[1]}")
+        if y is not None and slice_offsets[-1] != y.shape[1]:
+            raise ValueError(f"slice_offsets end {slice_offsets[-1]} != y width {y.shape[1]}")
+
+
+def lora_shrink_ref(x: torch.Tensor, A: torch.Tensor, layout: LoraBatchLayout) -> torch.Tensor:
+    """t[seg, s, :r] = x[seg] @ A[slot, s, :r].T, accumulated and returned in float32 `[T, S, R]`
+    (zeros outside the segments' rows and ranks)."""
+    check_shapes(x, None, A, None, None, layout)
+    T, (_, S, R, in_dim) = x.shape[0], A.shape
+    t = torch.zeros(T, S, R, dtype=torch.float32, device=x.device)
+    for seg in layout.segments:
+        s, e, r = seg.start, seg.start + seg.length, seg.rank
+        a = A[seg.slot, :, :r, :].reshape(S * r, in_dim)
+        prod = torch.mm(x[s:e].float(), a.float().t())  # [len, S*r]
+        t[s:e, :, :r] = prod.view(seg.length, S, r)
+    return t
+
+
+def lora_expand_ref(
+    y: torch.Tensor,
+    t: torch.Tensor,
+    B: torch.Tensor,
+    slice_offsets: Sequence[int],
+    layout: LoraBatchLayout,
+) -> None:
+    """In place: y[seg, off_s:off_s1] += scale * t[seg, s, :r] @ B[slot, off_s:off_s1, :r].T.
+
+    The sum is formed in float32 and rounded to y's dtype once (as the Triton kernel does)."""
+    check_shapes(None, y, None, B, slice_offsets, layout)
+    if t.dim() != 3 or t.shape[0] != y.shape[0] or t.shape[1] != len(slice_offsets) - 1:
+        raise ValueError(f"t must be [T, S, R], got {tuple(t.shape)}")
+    exact = y.dtype == torch.float32 and t.dtype == torch.float32 and B.dtype == torch.float32
+    for seg in layout.segments:
+        s, e, r = seg.start, seg.start + seg.length, seg.rank
+        for i in range(len(slice_offsets) - 1):
+            o0, o1 = slice_offsets[i], slice_offsets[i + 1]
+            if o1 == o0:
+                continue
+            out = y[s:e, o0:o1]
+            ti, bi = t[s:e, i, :r], B[seg.slot, o0:o1, :r]
+            if exact:
+                out.addmm_(ti, bi.t(), alpha=seg.scale)
+            else:
+                out.copy_(torch.addmm(out.float(), ti.float(), bi.float().t(), alpha=seg.scale))
+
+
+def add_lora_ref(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    slice_offsets: Sequence[int],
+    layout: LoraBatchLayout,
+) -> None:
+    """Fused shrink+expand, the CPU serving path: never materialises the `[T, S, R]` tensor.
+
+    Per segment one matmul gives `[len, S*r]` for all slices, then one `addmm_` per slice adds its
+    share into the view of y. Matmuls run in the activations' dtype (backends accumulate in fp32
+    internally); for bf16/fp16 the rank-r intermediate is rounded to that dtype, as in PEFT."""
+    if layout.empty:
+        return
+    check_shapes(x, y, A, B, slice_offsets, layout)
+    S, in_dim = A.shape[1], A.shape[3]
+    n_slices = len(slice_offsets) - 1
+    plan = _gather_plan(layout, x.device)
+    if plan is not None:
+        _add_lora_gathered(y, x, A, B, slice_offsets, plan)
+    for seg in layout.segments:
+        if plan is not None and seg.length <= GATHER_MAX_LEN:
+            continue
+        s, e, r, slot = seg.start, seg.start + seg.length, seg.rank, seg.slot
+        if r == 0 or s == e:
+            continue
+        a = A[slot, :, :r, :].reshape(S * r, in_dim)
+        t = torch.mm(x[s:e], a.t())  # [len, S*r]
+        y_seg = y[s:e]
+        for i in range(n_slices):
+            o0, o1 = slice_offsets[i], slice_offsets[i + 1]
+            if o1 > o0:
+                y_seg[:, o0:o1].addmm_(t[:, i * r : (i + 1) * r], B[slot, o0:o1, :r].t(), alpha=seg.scale)
+
+
+# Short segments (decode tokens of many different adapters) are cheaper batched than looped:
+# past this many of them, their tokens' A/B slices are gathered and multiplied with one bmm per
+# slice (the BGMV form), so the op count per layer no longer grows with the number of adapters.
+GATHER_MIN_SEGMENTS = 4
+GATHER_MAX_LEN = 2
+
+
+def _gather_plan(layout: LoraBatchLayout, device: torch.device) -> dict | None:
+    """Row, slot, rank and scale tensors of the tokens in short segments (memoised per step)."""
+    if "gather" in layout.memo:
+        return layout.memo["gather"]
+    short = [seg for seg in layout.segments if seg.length <= GATHER_MAX_LEN]
+    plan = None
+    if len(short) >= GATHER_MIN_SEGMENTS:
+        rows, slots, ranks, scales = [], [], [], []
+        for seg in short:
+            for i in range(seg.start, seg.start + seg.length):
+                rows.append(i)
+                slots.append(seg.slot)
+                ranks.append(seg.rank)
+                scales.append(seg.scale)
+        rmax = max(ranks)
+        rank_t = torch.tensor(ranks)
+        plan = {
+            "rows": torch.tensor(rows, dtype=torch.long).to(device),
+            "slots": torch.tensor(slots, dtype=torch.long).to(device),
+            "rmax": rmax,
+            # zero the rank columns past each token's own rank (buffer padding is never trusted)
+            # and fold the scale in: [n, rmax]
+            "scale_mask": ((torch.arange(rmax).unsqueeze(0) < rank_t.unsqueeze(1)).float()
+                           * torch.tensor(scales).unsqueeze(1)).to(device),
+        }
+    layout.memo["gather"] = plan
+    return plan
+
+
+def _add_lora_gathered(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                       slice_offsets: Sequence[int], plan: dict) -> None:
+    rows, slots, rmax = plan["rows"], plan["slots"], plan["rmax"]
+    n, S, in_dim = rows.numel(), A.shape[1], A.shape[3]
+    xs = x.index_select(0, rows)  # [n, in]
+    a = A[:, :, :rmax, :][slots].reshape(n, S * rmax, in_dim)  # [n, S*rmax, in]
+    t = torch.bmm(a, xs.unsqueeze(-1)).view(n, S, rmax)
+    t = t * plan["scale_mask"].to(t.dtype).unsqueeze(1)
+    b = B[:, :, :rmax][slots]  # [n, N, rmax]
+    deltas = []
+    for i in range(S):
+        o0, o1 = slice_offsets[i], slice_offsets[i + 1]
+        deltas.append(torch.bmm(b[:, o0:o1, :], t[:, i, :].unsqueeze(-1)).squeeze(-1))
+    delta = deltas[0] if S == 1 else torch.cat(deltas, dim=1)
+    y.index_add_(0, rows, delta.to(y.dtype))
