@@ -56,3 +56,51 @@ def timeit(fn, iters: int, warmup: int = 2, sync=None) -> float:
     if sync:
         sync()
     return (time.perf_counter() - t) / iters
+
+
+def write_random_adapters(base_dir: Path, root: Path, n: int, rank: int = 8,
+                          targets: tuple[str, ...] = ("q_proj", "v_proj"), dtype: str = "bfloat16",
+                          seed: int = 0) -> list[Path]:
+    """Write `n` PEFT-format LoRA adapters quickly (safetensors + adapter_config.json as PEFT
+    writes them), without instantiating PEFT for each: a thousand adapters in seconds."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from loragate.engine.model.config import ModelConfig
+
+    mc = ModelConfig.from_dir(base_dir)
+    dims = {
+        "q_proj": (mc.hidden_size, mc.q_size), "k_proj": (mc.hidden_size, mc.kv_size),
+        "v_proj": (mc.hidden_size, mc.kv_size), "o_proj": (mc.q_size, mc.hidden_size),
+        "gate_proj": (mc.hidden_size, mc.intermediate_size), "up_proj": (mc.hidden_size, mc.intermediate_size),
+        "down_proj": (mc.intermediate_size, mc.hidden_size),
+    }
+    where = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+        "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+        "use_dora": False, "modules_to_save": None, "base_model_name_or_path": str(base_dir),
+        "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    tdtype = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(seed)
+    paths = []
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        out = root / f"adapter-{i:04d}"
+        paths.append(out)
+        if (out / "adapter_model.safetensors").exists():
+            continue
+        out.mkdir(exist_ok=True)
+        tensors = {}
+        for layer in range(mc.num_layers):
+            for m in targets:
+                fin, fout = dims[m]
+                p = f"base_model.model.model.layers.{layer}.{where[m]}.{m}"
+                tensors[p + ".lora_A.weight"] = (torch.randn(rank, fin, generator=g) / fin**0.5).to(tdtype)
+                tensors[p + ".lora_B.weight"] = (torch.randn(fout, rank, generator=g) / rank**0.5 * 0.1).to(tdtype)
+        save_file(tensors, str(out / "adapter_model.safetensors"))
+        (out / "adapter_config.json").write_text(json.dumps(config))
+    return paths

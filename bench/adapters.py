@@ -1,0 +1,175 @@
+"""Multi-adapter serving: latency vs number of adapters, throughput vs adapter spread, vs HF PEFT.
+
+One run, one machine, random SmolLM-135M-shaped base (bf16, CPU by default) and random PEFT
+adapters (rank 8 on q_proj/v_proj — PEFT's default targets for Llama — unless flags say otherwise).
+  (a) latency of a 70-token prompt + 10 new tokens, one request at a time, adapter picked at random,
+      with 1, 100 and 1000 adapters registered; cold (first use: loaded from disk) and warm apart.
+  (b) throughput of 32 concurrent streams (96 requests, 64 new tokens each) spread over 1, 10 and
+      100 adapters, and the same load on the base model.
+  (c) the same (b) workloads on HF PEFT (mixed-adapter batches via generate(adapter_names=...)).
+
+    python bench/adapters.py [--counts 1 100 1000] [--spreads 1 10 100] [--skip-peft]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+import uuid
+
+import torch
+
+from bench.common import CACHE, machine, smollm_checkpoint, write_random_adapters
+from loragate.engine.config import EngineConfig
+from loragate.engine.engine import Engine
+from loragate.engine.outputs import EngineRequest
+from loragate.engine.sampling_params import SamplingParams
+
+PROMPT = 70
+NEW_LAT = 10
+NEW_TPUT = 64
+STREAMS = 32
+REQUESTS = 96
+
+
+def prompt(vocab: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab, (PROMPT,), generator=g).tolist()
+
+
+def make_engine(base, adapters: list, max_loras: int, dtype: str) -> Engine:
+    cfg = EngineConfig(model=str(base), dtype=dtype, adapters=tuple((p.name, str(p)) for p in adapters),
+                       max_loras=max_loras, max_lora_rank=16, max_num_seqs=STREAMS,
+                       max_num_batched_tokens=2048, kv_cache_memory=1 << 30)
+    engine = Engine(cfg)
+    engine.start()
+    return engine
+
+
+def run_one(engine: Engine, req: EngineRequest) -> float:
+    t = time.perf_counter()
+    engine.add_request(req)
+    while engine.has_work():
+        outs = engine.step()
+        if not outs and not engine.scheduler.running:
+            time.sleep(0.0005)  # adapter still loading on its own thread: leave it the GIL
+        for out in outs:
+            if out.finished and out.finish_reason not in ("length", "stop"):
+                raise RuntimeError(out.error or out.finish_reason)
+    return time.perf_counter() - t
+
+
+def latency(engine: Engine, names: list[str], samples: int, seed: int) -> tuple[float, float]:
+    """Median cold and warm latency (seconds) over `samples` random adapters."""
+    rng = random.Random(seed)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=NEW_LAT, temperature=0.0, ignore_eos=True)
+    cold, warm = [], []
+    picks = rng.sample(names, min(samples, len(names))) if len(names) > 1 else names * samples
+    for i, name in enumerate(picks):
+        for bucket in (cold, warm):
+            req = EngineRequest(uuid.uuid4().hex, prompt(vocab, i), params, adapter=name)
+            bucket.append(run_one(engine, req))
+    if len(names) == 1:  # a single adapter is only cold the first time
+        cold = cold[:1]
+    return statistics.median(cold), statistics.median(warm)
+
+
+def throughput(engine: Engine, names: list[str | None]) -> float:
+    """Generated tokens/s for REQUESTS requests at STREAMS concurrency, adapters round-robin."""
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=NEW_TPUT, temperature=0.0, ignore_eos=True)
+    reqs = [EngineRequest(uuid.uuid4().hex, prompt(vocab, 1000 + i), params, adapter=names[i % len(names)])
+            for i in range(REQUESTS)]
+    todo = list(reqs)
+    live = 0
+    tokens = 0
+    t = time.perf_counter()
+    while todo or live:
+        while todo and live < STREAMS:
+            engine.add_request(todo.pop(0))
+            live += 1
+        outs = engine.step()
+        if not outs and not engine.scheduler.running:
+            time.sleep(0.0005)
+        for out in outs:
+            tokens += len(out.new_token_ids)
+            live -= out.finished
+    return tokens / (time.perf_counter() - t)
+
+
+def peft_throughput(base, adapters: list, spread: int, dtype: torch.dtype) -> float:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype).eval()
+    names: list[str] = []
+    if spread:
+        model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name=adapters[0].name)
+        for p in adapters[1:spread]:
+            model.load_adapter(str(p), adapter_name=p.name)
+        names = [p.name for p in adapters[:spread]]
+    vocab = model.config.vocab_size
+    tokens = 0
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for wave in range(REQUESTS // STREAMS):
+            idx = range(wave * STREAMS, (wave + 1) * STREAMS)
+            x = torch.tensor([prompt(vocab, 1000 + i) for i in idx])
+            kw = dict(max_new_tokens=NEW_TPUT, min_new_tokens=NEW_TPUT, do_sample=False, pad_token_id=0,
+                      eos_token_id=None)
+            if names:
+                kw["adapter_names"] = [names[i % len(names)] for i in idx]
+            out = model.generate(x, **kw)
+            tokens += (out.shape[1] - PROMPT) * out.shape[0]
+    return tokens / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--counts", type=int, nargs="+", default=[1, 100, 1000])
+    ap.add_argument("--spreads", type=int, nargs="+", default=[1, 10, 100])
+    ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"])
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--skip-peft", action="store_true")
+    args = ap.parse_args()
+    base = smollm_checkpoint(args.dtype)
+    n_all = max(max(args.counts), max(args.spreads))
+    t = time.perf_counter()
+    adapters = write_random_adapters(base, CACHE / f"adapters-r{args.rank}-{'-'.join(args.targets)}", n_all,
+                                     rank=args.rank, targets=tuple(args.targets), dtype=args.dtype)
+    print(f"# bench/adapters.py  {time.strftime('%Y-%m-%d')}  {machine()}  dtype={args.dtype}  "
+          f"adapters: rank {args.rank} on {','.join(args.targets)}  (wrote/checked {n_all} in {time.perf_counter() - t:.1f}s)")
+
+    print("\n(a) latency, 70-token prompt + 10 new tokens, one request at a time")
+    print(f"{'adapters':>8} {'cold ms':>8} {'warm ms':>8} {'warm / 1-adapter':>17}")
+    first_warm = None
+    for n in args.counts:
+        engine = make_engine(base, adapters[:n], max_loras=16, dtype=args.dtype)
+        cold, warm = latency(engine, [p.name for p in adapters[:n]], args.samples, seed=n)
+        first_warm = first_warm or warm
+        print(f"{n:8d} {cold * 1e3:8.1f} {warm * 1e3:8.1f} {warm / first_warm:17.2f}", flush=True)
+        engine.shutdown()
+
+    print(f"\n(b) throughput, {STREAMS} concurrent streams, {REQUESTS} requests x {NEW_TPUT} new tokens")
+    print(f"{'spread':>8} {'ours tok/s':>11} {'vs base':>8} {'peft tok/s':>11} {'ours/peft':>10}")
+    engine = make_engine(base, adapters[: max(args.spreads)], max_loras=STREAMS, dtype=args.dtype)
+    base_tput = throughput(engine, [None])
+    peft_base = None if args.skip_peft else peft_throughput(base, adapters, 0, getattr(torch, args.dtype))
+    pb = f"{peft_base:11.1f}" if peft_base else f"{'-':>11}"
+    pr = f"{base_tput / peft_base:10.2f}" if peft_base else f"{'-':>10}"
+    print(f"{'base':>8} {base_tput:11.1f} {1.0:8.2f} {pb} {pr}", flush=True)
+    for k in args.spreads:
+        tput = throughput(engine, [p.name for p in adapters[:k]])
+        peft = None if args.skip_peft else peft_throughput(base, adapters, k, getattr(torch, args.dtype))
+        pb = f"{peft:11.1f}" if peft else f"{'-':>11}"
+        pr = f"{tput / peft:10.2f}" if peft else f"{'-':>10}"
+        print(f"{k:8d} {tput:11.1f} {tput / base_tput:8.2f} {pb} {pr}", flush=True)
+    engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""`loragate` command line: `loragate serve ...` builds EngineConfig + GatewaySettings from flags,
+loads the engine and runs the gateway under uvicorn. `loragate --version` prints the version.
+
+Flag parsing and config building are plain functions (`build_parser`, `build_configs`) so they can
+be tested without loading a model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from loragate import __version__
+
+log = logging.getLogger("loragate")
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '512MiB', '1.5GB', '1073741824' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 2GiB, 512MiB, 1e9)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _adapter_pair(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loragate", description="Serve many LoRA adapters on one base model "
+                                "behind an OpenAI-compatible API.")
+    p.add_argument("--version", action="version", version=f"loragate {__version__}")
+    sub = p.add_subparsers(dest="command")
+    s = sub.add_parser("serve", help="run the OpenAI-compatible server",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = s.add_argument_group("model")
+    m.add_argument("--model", help="Hugging Face checkpoint directory of the base model; without it the "
+                   "built-in demo model and adapters are served")
+    m.add_argument("--served-model-name", help="name clients use for the base model (default: the model "
+                   "directory's name)")
+    m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run the model")
+    m.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weight and activation dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    m.add_argument("--max-model-len", type=int, help="context length limit (default: the model's)")
+    a = s.add_argument_group("adapters")
+    a.add_argument("--adapter", action="append", type=_adapter_pair, default=[], metavar="NAME=PATH",
+                   help="serve the PEFT adapter at PATH under NAME (repeatable)")
+    a.add_argument("--adapter-dir", help="directory whose sub-directories are adapters, found by name on "
+                   "first use")
+    a.add_argument("--max-loras", type=int, default=16, help="adapters resident on the device at once")
+    a.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted")
+    a.add_argument("--max-cpu-adapter-memory", type=parse_size, default=2 << 30, metavar="BYTES",
+                   help="CPU cache budget for adapters (e.g. 2GiB)")
+    a.add_argument("--pin-adapter", action="append", default=[], metavar="NAME",
+                   help="keep this adapter on the device permanently (repeatable)")
+    a.add_argument("--allowed-adapter-dir", action="append", default=[], metavar="DIR",
+                   help="POST /v1/adapters may register adapters only from inside these directories "
+                   "(repeatable; none = runtime registration disabled)")
+    e = s.add_argument_group("scheduling and memory")
+    e.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at most")
+    e.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
+    e.add_argument("--max-queue-len", type=int, default=4096, help="waiting requests before answering 429")
+    e.add_argument("--kv-cache-memory", type=parse_size, metavar="BYTES",
+                   help="KV cache budget (e.g. 1GiB); default: a fraction of free GPU memory, 1GiB on CPU")
+    e.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    e.add_argument("--fairness", default="vtc", choices=["vtc", "fcfs"],
+                   help="vtc: share throughput fairly across tenants/adapters; fcfs: arrival order")
+    h = s.add_argument_group("server")
+    h.add_argument("--host", default="127.0.0.1", help="address to bind")
+    h.add_argument("--port", type=int, default=8000, help="port to bind")
+    h.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="full-access API key (repeatable); with no keys at all the server is open")
+    h.add_argument("--api-keys-file", metavar="FILE",
+                   help='JSON {"keys": [{"key", "tenant", "adapters": [...] or "*", "base": true, '
+                   '"admin": false}]}: per-customer keys limited to their adapters')
+    h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+@dataclass
+class ServeConfig:
+    engine: object  # EngineConfig
+    gateway: object  # GatewaySettings
+    host: str
+    port: int
+    log_level: str
+
+
+def build_configs(args: argparse.Namespace) -> ServeConfig:
+    """Flags -> EngineConfig + GatewaySettings (no model is loaded here)."""
+    from loragate.engine.config import EngineConfig
+    from loragate.gateway.auth import KeyStore
+    from loragate.gateway.settings import GatewaySettings
+
+    adapters = list(args.adapter)
+    model = args.model
+    if model is None:
+        from loragate.demo import demo_paths
+
+        model_dir, demo_adapters = demo_paths()
+        model = str(model_dir)
+        named = {n for n, _ in adapters}
+        adapters = [(n, str(p)) for n, p in demo_adapters.items() if n not in named] + adapters
+    keys_file = None
+    if args.api_keys_file:
+        keys_file = json.loads(Path(args.api_keys_file).read_text())
+        KeyStore.build((), keys_file)  # fail at start-up, not on the first request
+    engine = EngineConfig(
+        model=model, served_model_name=args.served_model_name, device=args.device, dtype=args.dtype,
+        kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        max_queue_len=args.max_queue_len, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+        max_cpu_adapter_memory=args.max_cpu_adapter_memory, adapters=tuple(adapters),
+        adapter_dir=args.adapter_dir, pin_adapters=tuple(args.pin_adapter), fairness=args.fairness,
+    )
+    gateway = GatewaySettings(api_keys=tuple(args.api_key), api_keys_file=keys_file,
+                              allowed_adapter_dirs=tuple(args.allowed_adapter_dir))
+    return ServeConfig(engine, gateway, args.host, args.port, args.log_level)
+
+
+def serve(cfg: ServeConfig) -> None:
+    import uvicorn
+
+    from loragate.engine.async_engine import AsyncEngine
+    from loragate.gateway import create_app
+
+    engine = AsyncEngine(cfg.engine)
+    app = create_app(engine, cfg.gateway)
+    stats = engine.stats()
+    inner = getattr(engine, "engine", None)
+    log.info("loragate %s: model=%s (%s) device=%s dtype=%s adapters=%d kv_blocks=%d max_model_len=%d "
+             "auth=%s listening on http://%s:%d", __version__, engine.model_name, cfg.engine.model,
+             getattr(inner, "device", cfg.engine.device), getattr(inner, "dtype", cfg.engine.dtype),
+             len(engine.list_adapters()), stats.kv_blocks_total, engine.max_model_len,
+             "keys" if (cfg.gateway.api_keys or cfg.gateway.api_keys_file) else "open", cfg.host, cfg.port)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "serve":
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = build_configs(args)
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
+    serve(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""API keys and what each key may see.
+
+Keys come from two places:
+
+* `--api-key KEY` (repeatable): a full-access key. It sees the base model and every adapter and
+  may manage adapters.
+* `--api-keys-file FILE`: JSON of the form::
+
+      {"keys": [
+          {"key": "sk-acme-123", "tenant": "acme", "adapters": ["acme-support", "acme-sql"]},
+          {"key": "sk-ops",      "tenant": "ops",  "adapters": "*", "admin": true},
+          {"key": "sk-lora-only","tenant": "beta", "adapters": ["beta-chat"], "base": false}
+      ]}
+
+  `adapters` is a list of adapter names or "*" for all (default: none); `base` (default true)
+  says whether the key may use the base model; `admin` (default false) allows
+  `POST/DELETE /v1/adapters`; `tenant` (default: the entry's position, "key-N") is what the
+  engine's fair scheduler counts.
+
+With no keys configured at all the server is open: every caller has full access.
+
+A key is never logged. Lookup hashes the presented key and compares it against every stored
+key's hash with `hmac.compare_digest`, without stopping at the first match, so timing reveals
+neither which key matched nor how much of a prefix was right.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from loragate.gateway.errors import APIError
+
+
+class KeyFileEntry(BaseModel):
+    """One entry of the keys file."""
+
+    model_config = ConfigDict(extra="forbid")
+    key: str = Field(min_length=1)
+    tenant: str | None = None
+    adapters: list[str] | Literal["*"] = Field(default_factory=list)
+    base: bool = True
+    admin: bool = False
+
+
+class KeyFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    keys: list[KeyFileEntry]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the tenant the engine schedules by and what the key may touch."""
+
+    tenant: str | None
+    adapters: frozenset[str] | None  # None = every adapter
+    base: bool = True
+    admin: bool = False
+
+    def can_use_adapter(self, name: str) -> bool:
+        return self.adapters is None or name in self.adapters
+
+
+OPEN = Principal(tenant=None, adapters=None, base=True, admin=True)
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+class KeyStore:
+    """The configured keys; `authenticate` turns an Authorization header into a Principal."""
+
+    def __init__(self, entries: list[tuple[str, Principal]]) -> None:
+        self._entries = [(_digest(k), p) for k, p in entries]
+
+    @property
+    def open(self) -> bool:
+        return not self._entries
+
+    @classmethod
+    def build(cls, api_keys: tuple[str, ...] | list[str] = (), keys_file: dict[str, Any] | None = None,
+              admin_keys: tuple[str, ...] | list[str] = ()) -> "KeyStore":
+        """Raises pydantic.ValidationError (a ValueError) on a malformed keys file."""
+        entries: list[tuple[str, Principal]] = []
+        for i, key in enumerate([*api_keys, *admin_keys]):
+            entries.append((key, Principal(tenant=f"admin-{i}", adapters=None, base=True, admin=True)))
+        if keys_file is not None:
+            parsed = KeyFile.model_validate(keys_file)
+            for i, e in enumerate(parsed.keys):
+                adapters = None if e.adapters == "*" else frozenset(e.adapters)
+                entries.append((e.key, Principal(e.tenant or f"key-{i}", adapters, e.base, e.admin)))
+        return cls(entries)
+
+    def lookup(self, key: str) -> Principal | None:
+        presented = _digest(key)
+        found: Principal | None = None
+        for digest, principal in self._entries:  # no early exit: constant work per lookup
+            if hmac.compare_digest(presented, digest) and found is None:
+                found = principal
+        return found
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        if self.open:
+            return OPEN
+        if not authorization:
+            raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'.",
+                           "invalid_request_error", None, "invalid_api_key")
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        principal = self.lookup(token) if scheme.lower() == "bearer" and token else None
+        if principal is None:
+            raise APIError(401, "Incorrect API key provided.", "invalid_request_error", None,
+                           "invalid_api_key")
+        return principal

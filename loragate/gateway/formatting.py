@@ -1,0 +1,76 @@
+"""Engine outputs -> OpenAI response pieces (logprobs, usage, per-choice accumulation).
+
+Separate from the routes so chat and completions format tokens the same way, and streaming and
+non-streaming paths build choices from the very same accumulated state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loragate.engine.outputs import RequestOutput, TokenLogprob
+from loragate.gateway.protocol import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    TopLogprob,
+    Usage,
+)
+
+
+@dataclass
+class ChoiceState:
+    """Everything one choice has produced so far."""
+
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, out: RequestOutput) -> None:
+        self.text.append(out.new_text)
+        self.token_ids.extend(out.new_token_ids)
+        if out.new_logprobs:
+            self.logprobs.extend(out.new_logprobs)
+        if out.prompt_tokens:
+            self.prompt_tokens = out.prompt_tokens
+        self.completion_tokens = max(self.completion_tokens, out.completion_tokens, len(self.token_ids))
+        if out.finished:
+            self.finish_reason = out.finish_reason
+
+
+def usage(prompt_tokens: int, choices: list[ChoiceState]) -> Usage:
+    """Prompt tokens once per distinct prompt (as OpenAI bills n>1), completion tokens summed."""
+    completion = sum(c.completion_tokens for c in choices)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                 total_tokens=prompt_tokens + completion)
+
+
+def chat_logprobs(tokenizer, lps: list[TokenLogprob], top_n: int) -> ChatLogprobs:
+    def entry(tok: int, lp: float) -> TopLogprob:
+        return TopLogprob(token=tokenizer.token_text(tok), logprob=lp, bytes=list(tokenizer.token_bytes(tok)))
+
+    content = []
+    for lp in lps:
+        e = entry(lp.token_id, lp.logprob)
+        content.append(ChatTokenLogprob(token=e.token, logprob=e.logprob, bytes=e.bytes,
+                                        top_logprobs=[entry(t, v) for t, v in lp.top[:top_n]]))
+    return ChatLogprobs(content=content)
+
+
+def completion_logprobs(tokenizer, lps: list[TokenLogprob], top_n: int, offset: int) -> CompletionLogprobs:
+    """Legacy completions logprobs; text_offset counts characters from `offset` (the length of
+    text already emitted for this choice)."""
+    out = CompletionLogprobs()
+    for lp in lps:
+        tok = tokenizer.token_text(lp.token_id)
+        out.tokens.append(tok)
+        out.token_logprobs.append(lp.logprob)
+        out.text_offset.append(offset)
+        offset += len(tok)
+        top: dict[str, float] = {}
+        for t, v in lp.top[:top_n]:
+            top.setdefault(tokenizer.token_text(t), v)
+        out.top_logprobs.append(top)
+    return out

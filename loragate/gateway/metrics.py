@@ -1,0 +1,67 @@
+"""Prometheus metrics on a per-app CollectorRegistry (several apps in one test process must not
+share or collide on the global registry).
+
+Request-level series are observed by the routes as outputs stream; engine-level gauges (running,
+waiting, KV usage, adapter tiers) are sampled from `engine.stats()` / `list_adapters()` at scrape
+time, so they never go stale and the gateway holds no background task for them.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+TIERS = ("device", "cpu", "disk", "loading", "failed")
+
+
+class GatewayMetrics:
+    """All series the gateway exports, with the names documented in the README."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("loragate_requests", "HTTP requests by model and outcome status",
+                                ["model", "status"], registry=r)
+        self.ttft = Histogram("loragate_time_to_first_token_seconds", "Arrival to first generated token",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("loragate_inter_token_latency_seconds", "Time between successive outputs",
+                             ["model"], buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("loragate_e2e_request_latency_seconds", "Arrival to last token",
+                             ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("loragate_queue_time_seconds", "Time waiting in the engine queue",
+                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("loragate_num_requests_running", "Requests in the running batch", registry=r)
+        self.waiting = Gauge("loragate_num_requests_waiting", "Requests waiting to be scheduled", registry=r)
+        self.kv_usage = Gauge("loragate_kv_cache_usage_ratio", "Fraction of KV blocks in use", registry=r)
+        self.kv_used = Gauge("loragate_kv_blocks_used", "KV cache blocks in use", registry=r)
+        self.kv_total = Gauge("loragate_kv_blocks_total", "KV cache blocks in total", registry=r)
+        self.alive = Gauge("loragate_engine_alive", "1 while the engine step loop runs", registry=r)
+        self.prompt_tokens = Counter("loragate_prompt_tokens", "Prompt tokens processed", ["adapter"],
+                                     registry=r)
+        self.generation_tokens = Counter("loragate_generation_tokens", "Tokens generated", ["adapter"],
+                                         registry=r)
+        self.adapter_requests = Counter("loragate_adapter_requests", "Engine requests finished per adapter",
+                                        ["adapter"], registry=r)
+        self.adapter_tier = Gauge("loragate_adapter_tier", "1 for the tier each adapter currently sits in",
+                                  ["adapter", "tier"], registry=r)
+        self.adapter_load_seconds = Gauge("loragate_adapter_load_seconds", "Duration of the adapter's last load",
+                                          ["adapter"], registry=r)
+
+    def observe_engine(self, engine) -> None:
+        """Sample engine-level gauges; tolerate a dead engine (its stats are still readable)."""
+        s = engine.stats()
+        self.running.set(s.running)
+        self.waiting.set(s.waiting)
+        self.kv_used.set(s.kv_blocks_used)
+        self.kv_total.set(s.kv_blocks_total)
+        self.kv_usage.set(s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0)
+        self.alive.set(1 if engine.is_alive else 0)
+        self.adapter_tier.clear()
+        self.adapter_load_seconds.clear()
+        for a in engine.list_adapters():
+            for tier in TIERS:
+                self.adapter_tier.labels(a.name, tier).set(1 if a.tier == tier else 0)
+            if a.last_load_seconds is not None:
+                self.adapter_load_seconds.labels(a.name).set(a.last_load_seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

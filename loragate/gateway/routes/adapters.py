@@ -1,0 +1,80 @@
+"""Adapter management (admin keys only): list with tier/size/requests, register from an allowed
+directory, delete (waits for the adapter's running requests, then frees it)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request
+
+from loragate.gateway.auth import Principal
+from loragate.gateway.errors import APIError, bad_request, from_engine_error, model_not_found
+from loragate.gateway.protocol import RegisterAdapterRequest
+from loragate.gateway.service import authenticate, get_ctx, parse_body
+
+router = APIRouter()
+
+
+def require_admin(principal: Principal = Depends(authenticate)) -> Principal:
+    if not principal.admin:
+        raise APIError(403, "this API key may not manage adapters", "permission_error", None, "forbidden")
+    return principal
+
+
+def _card(a) -> dict:
+    return {"id": a.name, "object": "adapter", "path": a.path, "tier": a.tier, "size_bytes": a.size_bytes,
+            "rank": a.rank, "requests_served": a.requests_served, "load_count": a.load_count,
+            "last_load_seconds": a.last_load_seconds, "pinned": a.pinned, "error": a.error}
+
+
+def allowed_path(path: str, allowed_dirs: tuple[str, ...]) -> str:
+    """Resolve symlinks and '..' first, then require the result to sit inside an allowed dir."""
+    if not allowed_dirs:
+        raise APIError(403, "adapter registration is disabled: no --allowed-adapter-dir configured",
+                       "permission_error", "path", "forbidden")
+    real = Path(os.path.realpath(path))
+    for d in allowed_dirs:
+        root = Path(os.path.realpath(d))
+        if real == root or root in real.parents:
+            return str(real)
+    raise APIError(403, "path is outside the allowed adapter directories", "permission_error", "path", "forbidden")
+
+
+@router.get("/v1/adapters")
+async def list_adapters(request: Request, _: Principal = Depends(require_admin)) -> dict:
+    return {"object": "list", "data": [_card(a) for a in get_ctx(request).engine.list_adapters()]}
+
+
+@router.post("/v1/adapters")
+async def register_adapter(request: Request, _: Principal = Depends(require_admin)) -> dict:
+    ctx = get_ctx(request)
+    body = await parse_body(request, RegisterAdapterRequest)
+    if body.name == ctx.engine.model_name or ctx.engine.has_adapter(body.name):
+        raise APIError(409, f"a model named {body.name!r} already exists", "invalid_request_error", "name",
+                       "adapter_exists")
+    path = allowed_path(body.path, ctx.settings.allowed_adapter_dirs)
+    if not Path(path).is_dir():
+        raise bad_request(f"no adapter directory at {body.path!r}", "path", "adapter_not_found")
+    try:
+        stats = ctx.engine.register_adapter(body.name, path)
+    except Exception as exc:
+        mapped = from_engine_error(exc)
+        if mapped is None:
+            raise
+        raise mapped from None
+    return _card(stats)
+
+
+@router.delete("/v1/adapters/{name}")
+async def delete_adapter(name: str, request: Request, _: Principal = Depends(require_admin)) -> dict:
+    engine = get_ctx(request).engine
+    if not engine.has_adapter(name):
+        raise model_not_found(name)
+    try:
+        await engine.unregister_adapter(name)
+    except Exception as exc:
+        mapped = from_engine_error(exc)
+        if mapped is None:
+            raise
+        raise mapped from None
+    return {"id": name, "object": "adapter", "deleted": True}

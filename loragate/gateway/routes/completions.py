@@ -1,0 +1,151 @@
+"""POST /v1/completions: prompt(s) as text or token ids -> len(prompts) * n engine requests.
+
+Choice index = prompt index * n + i, as in the OpenAI API.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import aclosing
+
+from fastapi import APIRouter, Depends, Request
+
+from loragate.engine.outputs import EngineRequest
+from loragate.gateway.auth import Principal
+from loragate.gateway.errors import APIError, bad_request
+from loragate.gateway.formatting import ChoiceState, completion_logprobs, usage
+from loragate.gateway.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from loragate.gateway.service import (
+    Generation,
+    classify,
+    authenticate,
+    check_context,
+    get_ctx,
+    get_record,
+    output_error,
+    parse_body,
+    reject_unsupported,
+    resolve_model,
+    sampling_params,
+    with_seed,
+)
+from loragate.gateway.streaming import DONE, SSEResponse, sse
+
+router = APIRouter()
+
+
+def prompts_of(req: CompletionRequest, tokenizer) -> list[tuple[str | None, list[int]]]:
+    """(text if given as text, token ids) for each prompt in the request."""
+    p = req.prompt
+    if isinstance(p, str):
+        items: list = [p]
+    elif not p:
+        raise bad_request("prompt must not be empty", "prompt")
+    elif isinstance(p[0], int):
+        items = [list(p)]
+    else:
+        items = list(p)
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append((item, tokenizer.encode(item, add_special_tokens=True)))
+        else:
+            if not item:
+                raise bad_request("prompt token lists must not be empty", "prompt")
+            if any(t < 0 or t >= tokenizer.vocab_size for t in item):
+                raise bad_request(f"prompt token ids must be in [0, {tokenizer.vocab_size})", "prompt")
+            out.append((None, list(item)))
+    return out
+
+
+@router.post("/v1/completions")
+async def create_completion(request: Request, principal: Principal = Depends(authenticate)):
+    ctx, rec = get_ctx(request), get_record(request)
+    rec.counted = True
+    req = await parse_body(request, CompletionRequest)
+    reject_unsupported(req.unsupported_fields())
+    engine, tok = ctx.engine, ctx.engine.tokenizer
+    target = resolve_model(engine, principal, req.model)
+    rec.model = target.label
+    prompts = prompts_of(req, tok)
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    for _, ids in prompts:
+        check_context(engine, len(ids), max_tokens, "prompt")
+    top_n = req.logprobs or 0
+    params = sampling_params(req, max_tokens, req.logprobs, tok.vocab_size)
+    n = req.n
+    requests = [EngineRequest(f"cmpl-{rec.request_id}-{p * n + i}", list(ids), with_seed(params, i),
+                              target.adapter, principal.tenant)
+                for p, (_, ids) in enumerate(prompts) for i in range(n)]
+    prompt_tokens = sum(len(ids) for _, ids in prompts)
+    rec.prompt_tokens = prompt_tokens
+    echo = [(text if text is not None else tok.decode(ids)) if req.echo else "" for text, ids in prompts]
+    gen = Generation(ctx, target, requests, rec)
+    await gen.start()
+    created = int(time.time())
+    rid = f"cmpl-{rec.request_id}"
+    states = [ChoiceState() for _ in requests]
+    emitted = [len(echo[k // n]) for k in range(len(requests))]  # characters sent per choice
+    fingerprint = ctx.settings.system_fingerprint
+
+    def logprobs_for(k: int, lps) -> object:
+        if req.logprobs is None:
+            return None
+        return completion_logprobs(tok, lps or [], top_n, emitted[k])
+
+    if not req.stream:
+        try:
+            async with aclosing(gen.events()) as events:
+                async for k, out in events:
+                    if out.finished and out.finish_reason not in ("stop", "length"):
+                        raise output_error(out)
+                    states[k].add(out)
+        except APIError:
+            raise
+        except Exception as exc:
+            raise classify(exc) from exc
+        finally:
+            await gen.aclose()
+        rec.completion_tokens = sum(s.completion_tokens for s in states)
+        choices = [CompletionChoice(index=k, text=echo[k // n] + "".join(s.text), logprobs=logprobs_for(k, s.logprobs),
+                                    finish_reason=s.finish_reason) for k, s in enumerate(states)]
+        return CompletionResponse(id=rid, created=created, model=req.model, system_fingerprint=fingerprint,
+                                  choices=choices, usage=usage(prompt_tokens, states))
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def chunk(choices: list[CompletionChoice], use=None) -> bytes:
+        return sse(CompletionResponse(id=rid, created=created, model=req.model, system_fingerprint=fingerprint,
+                                      choices=choices, usage=use))
+
+    async def stream():
+        try:
+            if req.echo:
+                for k in range(len(requests)):
+                    yield chunk([CompletionChoice(index=k, text=echo[k // n])])
+            async with aclosing(gen.events()) as events:
+                async for k, out in events:
+                    if out.finished and out.finish_reason not in ("stop", "length"):
+                        raise output_error(out)
+                    states[k].add(out)
+                    if out.new_text or (req.logprobs is not None and out.new_logprobs):
+                        yield chunk([CompletionChoice(index=k, text=out.new_text,
+                                                      logprobs=logprobs_for(k, out.new_logprobs))])
+                        emitted[k] += sum(len(tok.token_text(lp.token_id)) for lp in out.new_logprobs or [])
+                    if out.finished:
+                        yield chunk([CompletionChoice(index=k, text="", finish_reason=out.finish_reason)])
+            rec.completion_tokens = sum(s.completion_tokens for s in states)
+            if include_usage:
+                yield chunk([], usage(prompt_tokens, states))
+            yield DONE
+        except BaseException as exc:
+            rec.completion_tokens = sum(s.completion_tokens for s in states)
+            if not isinstance(exc, Exception):
+                rec.outcome = "aborted"
+                raise
+            rec.outcome = "error"
+            yield sse(classify(exc).body())
+            yield DONE
+        finally:
+            await gen.aclose()
+
+    return SSEResponse(stream())

@@ -1,0 +1,298 @@
+"""What the chat and completions routes share: the app context, authentication, body parsing,
+model routing, sampling parameters, and `Generation`, which runs n engine requests and streams
+their outputs while observing metrics.
+
+Routes stay thin: parse -> resolve -> tokenize -> `Generation` -> format.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import Request
+from pydantic import BaseModel
+
+from loragate.engine.outputs import EngineRequest, RequestOutput
+from loragate.engine.sampling_params import SamplingParams
+from loragate.gateway.auth import KeyStore, Principal
+from loragate.gateway.errors import APIError, bad_request, from_engine_error, internal_error, model_not_found
+from loragate.gateway.metrics import GatewayMetrics
+from loragate.gateway.settings import GatewaySettings
+
+M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger("loragate.gateway")
+
+
+@dataclass
+class RequestRecord:
+    """Filled in by routes, read by the logging middleware: one log line per request."""
+
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    start: float = field(default_factory=time.monotonic)
+    model: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    counted: bool = False  # an inference request: counted in loragate_requests
+    outcome: str | None = None  # overrides the HTTP status for streams (aborted | error)
+
+
+@dataclass
+class GatewayContext:
+    engine: Any
+    settings: GatewaySettings
+    keys: KeyStore
+    metrics: GatewayMetrics
+    inflight: int = 0
+
+
+def get_ctx(request: Request) -> GatewayContext:
+    return request.app.state.ctx
+
+
+def get_record(request: Request) -> RequestRecord:
+    rec = getattr(request.state, "record", None)
+    if rec is None:  # app used without the middleware (e.g. mounted elsewhere)
+        rec = RequestRecord()
+        request.state.record = rec
+    return rec
+
+
+def authenticate(request: Request) -> Principal:
+    """FastAPI dependency: runs before the body is read, so a bad key is 401 whatever the body."""
+    return get_ctx(request).keys.authenticate(request.headers.get("authorization"))
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """Parse JSON ourselves so auth runs first and malformed JSON is a 400 in the OpenAI shape."""
+    raw = await request.body()
+    if not raw:
+        raise bad_request("request body is required")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"invalid JSON body: {exc}") from None
+    if not isinstance(data, dict):
+        raise bad_request("request body must be a JSON object")
+    return model.model_validate(data)  # ValidationError -> 400 by the installed handler
+
+
+def reject_unsupported(fields: list[tuple[str, str]]) -> None:
+    if fields:
+        param, what = fields[0]
+        raise APIError(400, f"{what} is not supported by this server", "invalid_request_error", param,
+                       "unsupported_parameter")
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    requested: str  # echoed back in responses
+    adapter: str | None  # None = the base model
+    label: str  # metrics label
+
+
+def resolve_model(engine, principal: Principal, name: str) -> ModelTarget:
+    """`name` is the base's served name, an adapter name, or `BASE:ADAPTER`. A key never learns
+    whether an adapter it may not use exists: both cases are the same 404."""
+    base = engine.model_name
+    if name == base:
+        if not principal.base:
+            raise model_not_found(name)
+        return ModelTarget(name, None, base)
+    adapter = name
+    if ":" in name:
+        prefix, _, adapter = name.partition(":")
+        if prefix != base or not adapter:
+            raise model_not_found(name)
+    if not principal.can_use_adapter(adapter) or not engine.has_adapter(adapter):
+        raise model_not_found(name)
+    return ModelTarget(name, adapter, adapter)
+
+
+def check_context(engine, n_prompt: int, max_tokens: int, param: str) -> None:
+    if n_prompt + max_tokens > engine.max_model_len:
+        raise bad_request(
+            f"This model's maximum context length is {engine.max_model_len} tokens. However, you requested "
+            f"{n_prompt + max_tokens} tokens ({n_prompt} in the {param}, {max_tokens} in the completion). "
+            "Please reduce the length of the prompt or max_tokens.",
+            param, "context_length_exceeded")
+
+
+def sampling_params(req, max_tokens: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
+    """Translate request fields to SamplingParams; any invalid value is a 400 naming the field."""
+    bias: dict[int, float] = {}
+    for key, value in (req.logit_bias or {}).items():
+        try:
+            tok = int(key)
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+        if not 0 <= tok < vocab_size:
+            raise bad_request(f"logit_bias token id {tok} is outside the vocabulary", "logit_bias")
+        bias[tok] = value
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=max(req.top_k or 0, 0),
+        min_p=req.min_p or 0.0,
+        repetition_penalty=req.repetition_penalty or 1.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=bias,
+        seed=req.seed,
+        stop=req.stop_list(),
+        stop_token_ids=list(req.stop_token_ids or []),
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+    )
+    try:
+        params.validate()
+    except ValueError as exc:
+        raise bad_request(str(exc)) from None
+    return params
+
+
+def with_seed(params: SamplingParams, i: int) -> SamplingParams:
+    """Choice i of n: seed+i so seeded choices differ from each other but stay reproducible."""
+    if params.seed is None or i == 0:
+        return params
+    from dataclasses import replace
+
+    return replace(params, seed=params.seed + i, logit_bias=dict(params.logit_bias),
+                   stop=list(params.stop), stop_token_ids=list(params.stop_token_ids))
+
+
+class Generation:
+    """n engine requests run together: `start()` submits them and waits for each first output
+    (the engine raises its errors at or before the first yield, so they become proper HTTP
+    statuses before any response byte is sent); `events()` yields (choice index, output);
+    `aclose()` aborts whatever is unfinished."""
+
+    def __init__(self, ctx: GatewayContext, target: ModelTarget, requests: list[EngineRequest],
+                 record: RequestRecord) -> None:
+        self.ctx = ctx
+        self.target = target
+        self.requests = requests
+        self.record = record
+        self._agens: list[Any] = []
+        self._first: list[RequestOutput] = []
+        self._tasks: list[asyncio.Task] = []
+        self._last: list[float | None] = [None] * len(requests)
+        self._finished = [False] * len(requests)
+        self._acquired = False
+
+    async def start(self) -> None:
+        limit = self.ctx.settings.max_concurrent_requests
+        if limit is not None and self.ctx.inflight + len(self.requests) > limit:
+            raise _queue_full_error(self.ctx.settings.retry_after_seconds)
+        self.ctx.inflight += len(self.requests)
+        self._acquired = True
+        try:
+            for req in self.requests:
+                agen = self.ctx.engine.generate(req)
+                self._agens.append(agen)
+                self._first.append(await agen.__anext__())
+        except BaseException as exc:
+            await self.aclose()
+            if isinstance(exc, StopAsyncIteration):
+                raise APIError(500, "engine ended the request without output", "server_error") from None
+            if isinstance(exc, Exception):
+                mapped = from_engine_error(exc, self.ctx.settings.retry_after_seconds)
+                if mapped is not None:
+                    raise mapped from None
+            raise
+
+    async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        if len(self._agens) == 1:
+            yield 0, self._observe(0, self._first[0])
+            if not self._first[0].finished:
+                async for out in self._agens[0]:
+                    yield 0, self._observe(0, out)
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            try:
+                await queue.put((i, self._first[i]))
+                if not self._first[i].finished:
+                    async for out in self._agens[i]:
+                        await queue.put((i, out))
+                await queue.put((i, None))
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer
+                await queue.put((i, exc))
+
+        self._tasks = [asyncio.create_task(pump(i)) for i in range(len(self._agens))]
+        remaining = len(self._agens)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, self._observe(i, item)
+
+    def _observe(self, i: int, out: RequestOutput) -> RequestOutput:
+        m, label, now = self.ctx.metrics, self.target.label, time.monotonic()
+        if out.new_token_ids:
+            if self._last[i] is None:
+                m.ttft.labels(label).observe(now - self.record.start)
+            else:
+                m.itl.labels(label).observe(now - self._last[i])
+            self._last[i] = now
+        if out.finished and not self._finished[i]:
+            self._finished[i] = True
+            m.e2e.labels(label).observe(now - self.record.start)
+            if out.queue_time is not None:
+                m.queue_time.labels(label).observe(max(out.queue_time, 0.0))
+            adapter = self.target.adapter or ""
+            m.prompt_tokens.labels(adapter).inc(out.prompt_tokens)
+            m.generation_tokens.labels(adapter).inc(out.completion_tokens)
+            m.adapter_requests.labels(adapter).inc()
+        return out
+
+    async def aclose(self) -> None:
+        """Idempotent; shielded so that a cancelled response still aborts its engine requests."""
+        with anyio.CancelScope(shield=True):
+            for t in self._tasks:
+                t.cancel()
+            for t in self._tasks:
+                with suppress(BaseException):
+                    await t
+            self._tasks = []
+            for agen in self._agens:
+                with suppress(Exception):
+                    await agen.aclose()
+            self._agens = []
+        if self._acquired:
+            self._acquired = False
+            self.ctx.inflight -= len(self.requests)
+
+
+def _queue_full_error(retry_after: int) -> APIError:
+    return APIError(429, "too many requests in flight; retry later", "rate_limit_error", None,
+                    "rate_limit_exceeded", {"Retry-After": str(retry_after)})
+
+
+def classify(exc: Exception, retry_after: int = 1) -> APIError:
+    """The APIError for an exception caught after the response was committed to a path; anything
+    unexpected is logged with its traceback and reported as a bare 500 (internals stay private)."""
+    mapped = from_engine_error(exc, retry_after)
+    if mapped is None:
+        log.error("unexpected error during generation", exc_info=exc)
+        return internal_error()
+    return mapped
+
+
+def output_error(out: RequestOutput) -> APIError:
+    """A request that ended in error/abort rather than stop/length."""
+    if out.finish_reason == "abort":
+        return APIError(500, out.error or "request was aborted by the server", "server_error", None, "aborted")
+    return APIError(500, out.error or "generation failed", "server_error", None, "generation_error")

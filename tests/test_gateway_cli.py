@@ -1,0 +1,68 @@
+"""CLI flag parsing -> EngineConfig + GatewaySettings, without loading a model."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+
+from loragate import __version__
+from loragate.cli import build_configs, build_parser, parse_size
+
+
+def test_parse_size():
+    assert parse_size("2GiB") == 2 << 30
+    assert parse_size("512MiB") == 512 << 20
+    assert parse_size("1.5GB") == 1_500_000_000
+    assert parse_size("1024") == 1024
+    with pytest.raises(Exception):
+        parse_size("lots")
+
+
+def test_serve_flags_build_configs(tmp_path):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"key": "k1", "tenant": "t", "adapters": ["a"]}]}))
+    args = build_parser().parse_args([
+        "serve", "--model", str(tmp_path), "--served-model-name", "base", "--adapter", "a=/x/a", "--adapter", "b=/x/b",
+        "--adapter-dir", "/ads", "--device", "cpu", "--dtype", "float32", "--api-key", "s1", "--api-key", "s2",
+        "--api-keys-file", str(keys), "--max-loras", "4", "--max-lora-rank", "16", "--max-cpu-adapter-memory", "1GiB",
+        "--max-num-seqs", "8", "--max-num-batched-tokens", "512", "--max-model-len", "1024",
+        "--kv-cache-memory", "256MiB", "--block-size", "32", "--pin-adapter", "a", "--fairness", "fcfs",
+        "--allowed-adapter-dir", "/ads", "--port", "9000"])
+    cfg = build_configs(args)
+    e, g = cfg.engine, cfg.gateway
+    assert e.model == str(tmp_path) and e.served_model_name == "base"
+    assert e.adapters == (("a", "/x/a"), ("b", "/x/b")) and e.adapter_dir == "/ads"
+    assert (e.device, e.dtype, e.max_loras, e.max_lora_rank) == ("cpu", "float32", 4, 16)
+    assert e.max_cpu_adapter_memory == 1 << 30 and e.kv_cache_memory == 256 << 20
+    assert (e.max_num_seqs, e.max_num_batched_tokens, e.max_model_len, e.block_size) == (8, 512, 1024, 32)
+    assert e.pin_adapters == ("a",) and e.fairness == "fcfs"
+    assert g.api_keys == ("s1", "s2") and g.api_keys_file["keys"][0]["tenant"] == "t"
+    assert g.allowed_adapter_dirs == ("/ads",) and cfg.port == 9000 and cfg.host == "127.0.0.1"
+
+
+def test_demo_used_without_model(monkeypatch, tmp_path):
+    import loragate
+
+    demo = types.ModuleType("loragate.demo")
+    demo.demo_paths = lambda: (tmp_path / "demo-model", {"pirate": tmp_path / "pirate"})
+    monkeypatch.setitem(sys.modules, "loragate.demo", demo)
+    monkeypatch.setattr(loragate, "demo", demo, raising=False)
+    cfg = build_configs(build_parser().parse_args(["serve"]))
+    assert cfg.engine.model == str(tmp_path / "demo-model")
+    assert cfg.engine.adapters == (("pirate", str(tmp_path / "pirate")),)
+
+
+def test_bad_keys_file_is_rejected(tmp_path):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"tenant": "no key"}]}))
+    with pytest.raises(ValueError):
+        build_configs(build_parser().parse_args(["serve", "--model", "/m", "--api-keys-file", str(keys)]))
+
+
+def test_version():
+    out = subprocess.run([sys.executable, "-m", "loragate.cli", "--version"], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == f"loragate {__version__}"
