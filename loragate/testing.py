@@ -130,7 +130,7 @@ def hf_config(shape: TinyShape, vocab_size: int, dtype: str = "float32"):
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=2,
-        torch_dtype=dtype,
+        dtype=dtype,
         **shape.extra,
     )
     if shape.head_dim is not None:
@@ -167,7 +167,7 @@ def build_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else build_tokenizer(out, vocab_size=vocab_size)
     if tokenizer_dir:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
             src = tok_dir / name
             if src.exists():
                 (out / name).write_bytes(src.read_bytes())
@@ -175,7 +175,7 @@ def build_checkpoint(
     vocab = max(vocab, 8)
     cfg = hf_config(shape, vocab_size=vocab, dtype=dtype)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
@@ -212,7 +212,7 @@ def build_adapter(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     cfg = LoraConfig(
         r=rank,
         lora_alpha=alpha,
