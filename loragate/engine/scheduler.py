@@ -133,18 +133,24 @@ class Scheduler:
                     break
             if seq.state is not SeqState.RUNNING:
                 break  # seq preempted itself: everything after it is gone too
-            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed + n == seq.num_tokens))
+            self._add_scheduled(out, seq, n)
             budget -= n
             i += 1
         # 2. admission, fair across clients, only if nobody had to be preempted
         if not out.preempted:
             self._admit(out, budget)
         out.scheduled.sort(key=lambda s: s.seq.slot)
-        for s in out.scheduled:
-            prefill = min(s.num_tokens, max(0, len(s.seq.prompt_ids) - s.seq.num_computed))
-            if prefill:
-                self.policy.charge(s.seq.client, prompt_tokens=prefill)
         return out
+
+    def _add_scheduled(self, out: SchedulerOutput, seq: Sequence, n: int) -> None:
+        """Schedule n tokens of seq and charge its client for new prompt tokens at once, so the
+        next pick of this same step already sees the updated counters (VTC's bound needs that).
+        A prompt recomputed after preemption is charged only once."""
+        out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed + n == seq.num_tokens))
+        fresh = min(seq.num_computed + n, len(seq.prompt_ids)) - seq.prompt_charged
+        if fresh > 0:
+            seq.prompt_charged += fresh
+            self.policy.charge(seq.client, prompt_tokens=fresh)
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         while budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -172,7 +178,7 @@ class Scheduler:
             if seq.admitted_at is None:
                 seq.admitted_at = time.monotonic()
             self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed + n == seq.num_tokens))
+            self._add_scheduled(out, seq, n)
             budget -= n
 
     def _adapter_slot(self, head: Sequence, out: SchedulerOutput) -> int | None:

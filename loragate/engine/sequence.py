@@ -32,6 +32,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose k/v are in the cache
+    prompt_charged: int = 0  # prompt tokens already charged to the client's fairness counter
     slot: int = -1  # adapter device slot while RUNNING, -1 for base
     finish_reason: str | None = None
     admitted_at: float | None = None
