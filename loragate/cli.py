@@ -123,6 +123,7 @@ def build_configs(args: argparse.Namespace) -> ServeConfig:
         max_queue_len=args.max_queue_len, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
         max_cpu_adapter_memory=args.max_cpu_adapter_memory, adapters=tuple(adapters),
         adapter_dir=args.adapter_dir, pin_adapters=tuple(args.pin_adapter), fairness=args.fairness,
+        allowed_adapter_dirs=tuple(args.allowed_adapter_dir),
     )
     gateway = GatewaySettings(api_keys=tuple(args.api_key), api_keys_file=keys_file,
                               allowed_adapter_dirs=tuple(args.allowed_adapter_dir))

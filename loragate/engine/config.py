@@ -32,6 +32,7 @@ class EngineConfig:
     max_cpu_adapter_memory: int = 2 << 30
     adapters: tuple[tuple[str, str], ...] = ()
     adapter_dir: str | None = None
+    allowed_adapter_dirs: tuple[str, ...] = ()  # where the admin API may register adapters from
     pin_adapters: tuple[str, ...] = ()
     enable_lora: bool = True
     # scheduling

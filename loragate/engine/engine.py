@@ -82,7 +82,7 @@ class Engine:
         self.kv = KVCache(spec, spec.blocks_for_budget(budget), self.device)
         self.lora: LoraWeights | None = None
         self.adapters: AdapterCache | None = None
-        self.registry = AdapterRegistry(config.adapters, config.adapter_dir)
+        self.registry = AdapterRegistry(config.adapters, config.adapter_dir, config.allowed_adapter_dirs)
         if config.enable_lora:
             self.lora = LoraWeights(self.model.lora_specs, mc.num_layers, config.max_loras, config.max_lora_rank,
                                     self.device, self.dtype)
