@@ -105,11 +105,13 @@ def build_configs(args: argparse.Namespace) -> ServeConfig:
 
     adapters = list(args.adapter)
     model = args.model
+    served_name = args.served_model_name
     if model is None:
-        from loragate.demo import demo_paths
+        from loragate.demo import DEMO_MODEL_NAME, demo_paths
 
         model_dir, demo_adapters = demo_paths()
         model = str(model_dir)
+        served_name = served_name or DEMO_MODEL_NAME
         named = {n for n, _ in adapters}
         adapters = [(n, str(p)) for n, p in demo_adapters.items() if n not in named] + adapters
     keys_file = None
@@ -117,7 +119,7 @@ def build_configs(args: argparse.Namespace) -> ServeConfig:
         keys_file = json.loads(Path(args.api_keys_file).read_text())
         KeyStore.build((), keys_file)  # fail at start-up, not on the first request
     engine = EngineConfig(
-        model=model, served_model_name=args.served_model_name, device=args.device, dtype=args.dtype,
+        model=model, served_model_name=served_name, device=args.device, dtype=args.dtype,
         kv_cache_memory=args.kv_cache_memory, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         max_queue_len=args.max_queue_len, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,

@@ -48,11 +48,13 @@ def test_demo_used_without_model(monkeypatch, tmp_path):
 
     demo = types.ModuleType("loragate.demo")
     demo.demo_paths = lambda: (tmp_path / "demo-model", {"pirate": tmp_path / "pirate"})
+    demo.DEMO_MODEL_NAME = "demo-name"
     monkeypatch.setitem(sys.modules, "loragate.demo", demo)
     monkeypatch.setattr(loragate, "demo", demo, raising=False)
     cfg = build_configs(build_parser().parse_args(["serve"]))
     assert cfg.engine.model == str(tmp_path / "demo-model")
     assert cfg.engine.adapters == (("pirate", str(tmp_path / "pirate")),)
+    assert cfg.engine.served_model_name == "demo-name"
 
 
 def test_bad_keys_file_is_rejected(tmp_path):
