@@ -15,19 +15,19 @@ def smollm_checkpoint(dtype: str = "bfloat16") -> Path:
     """A random checkpoint of SmolLM-135M's shape (built once, then reused)."""
     from loragate.testing import SMOLLM_135M, build_checkpoint
 
-    out = CACHE / f"smollm135m-{dtype}"
+    out = CACHE / f"smollm135m-v49152-{dtype}"
     if not (out / "config.json").exists():
         tok = build_tokenizer_cached()
-        build_checkpoint(out, SMOLLM_135M, dtype=dtype, tokenizer_dir=tok, vocab_size=49152)
+        build_checkpoint(out, SMOLLM_135M, dtype=dtype, tokenizer_dir=tok, model_vocab_size=49152)
     return out
 
 
 def build_tokenizer_cached() -> Path:
     from loragate.testing import build_tokenizer
 
-    out = CACHE / "tokenizer-49152"
+    out = CACHE / "tokenizer"
     if not (out / "tokenizer.json").exists():
-        build_tokenizer(out, vocab_size=49152)
+        build_tokenizer(out)
     return out
 
 

@@ -154,6 +154,7 @@ def build_checkpoint(
     tokenizer_dir: str | Path | None = None,
     max_shard_size: str | None = None,
     vocab_size: int = 512,
+    model_vocab_size: int | None = None,
 ) -> Path:
     """Write a random Hugging Face checkpoint (config.json, safetensors, generation_config.json,
     tokenizer files) for `shape`. Weights are scaled up from the default init so that different
@@ -172,7 +173,7 @@ def build_checkpoint(
             if src.exists():
                 (out / name).write_bytes(src.read_bytes())
     vocab = len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
-    vocab = max(vocab, 8)
+    vocab = max(vocab, 8, model_vocab_size or 0)  # a larger embedding than the tokenizer needs is fine
     cfg = hf_config(shape, vocab_size=vocab, dtype=dtype)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

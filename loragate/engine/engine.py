@@ -18,6 +18,7 @@ from loragate.engine.adapters.cache import AdapterCache
 from loragate.engine.adapters.peft_loader import BaseModelInfo
 from loragate.engine.adapters.registry import AdapterRegistry
 from loragate.engine.config import EngineConfig
+from loragate.engine.cpu_alloc import tune_malloc
 from loragate.engine.detokenizer import TextStream
 from loragate.engine.errors import AdapterNotFoundError, PromptTooLongError
 from loragate.engine.fairness import make_policy
@@ -69,6 +70,8 @@ class Engine:
         self.config = config
         path = Path(config.model)
         self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            tune_malloc()
         self.model_config = ModelConfig.from_dir(path)
         mc = self.model_config
         self.dtype = resolve_dtype(config.dtype, mc, self.device)
