@@ -1,0 +1,108 @@
+"""The examples, run as a user would: each as a subprocess against a real `loragate serve` of the demo."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loragate.demo.tasks import pig_latin, reverse, shout, sort_words
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+KEY = "sk-examples"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    adapter_root = tmp_path_factory.mktemp("adapters")
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "loragate.cli", "serve", "--port", str(port),
+           "--allowed-adapter-dir", str(adapter_root), "--api-key", KEY]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"server exited early:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"server not healthy in 60 s:\n{log.read_text()}"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        env.update(LORAGATE_BASE_URL=f"http://127.0.0.1:{port}/v1", LORAGATE_API_KEY=KEY)
+        yield {"env": env, "adapter_root": adapter_root}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run(server, *cmd: str) -> str:
+    result = subprocess.run(cmd, cwd=ROOT, env=server["env"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def streamed(output: str, label: str) -> str:
+    """The text of a streamed line, e.g. 'stream:  cat| |moon|' -> 'cat moon'."""
+    line = next(l for l in output.splitlines() if l.startswith(label))
+    return line.split(":", 1)[1].lstrip().replace("|", "")
+
+
+def test_openai_sdk(server):
+    out = run(server, sys.executable, str(EXAMPLES / "openai_sdk.py"))
+    message = "moon river cat"
+    assert "models: loragate-demo, shout, reverse, sort, pig-latin" in out
+    assert f"shout: {shout(message)!r}" in out
+    assert f"reverse: {reverse(message)!r}" in out
+    assert streamed(out, "pig-latin, streamed") == pig_latin(message)
+
+
+def test_langchain_chat(server):
+    out = run(server, sys.executable, str(EXAMPLES / "langchain_chat.py"))
+    message = "river moon cat"
+    assert f"invoke:  {sort_words(message)!r}" in out
+    assert streamed(out, "stream:") == sort_words(message)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl(server):
+    out = run(server, "bash", str(EXAMPLES / "curl.sh"))
+    message = "moon river cat"
+    answer = json.loads(out.splitlines()[1])
+    assert answer["choices"][0]["message"]["content"] == shout(message)
+    events = [l.removeprefix("data: ") for l in out.splitlines() if l.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    text = "".join(json.loads(e)["choices"][0]["delta"]["content"] or "" for e in events[:-1])
+    assert text == reverse(message)
+
+
+def test_many_adapters(server):
+    out = run(server, sys.executable, str(EXAMPLES / "many_adapters.py"),
+              "--dir", str(server["adapter_root"]), "--count", "20", "--requests", "40", "--concurrency", "8")
+    assert "registered 20/20 adapters" in out
+    assert "40 answered, 0 failed" in out
+    accuracy = float(re.search(r"accuracy ([\d.]+)%", out).group(1))
+    assert accuracy >= 50, out
+    assert len(list(server["adapter_root"].iterdir())) == 20
