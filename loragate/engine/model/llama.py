@@ -77,7 +77,8 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Returns fp32 logits [B, vocab] for `batch.logits_rows`."""
+        """Logits [B, vocab] for `batch.logits_rows`, in the model's dtype: the sampler widens them
+        only when it edits them (greedy argmax needs no copy of a [B, 49k] tensor)."""
         cfg = self.cfg
         T = batch.input_ids.shape[0]
         layout = batch.lora
@@ -100,4 +101,4 @@ class LlamaModel:
             h = h + self._proj(F.silu(gate) * up, lw["down"], i, "down", layout)
         last = h.index_select(0, batch.logits_rows)
         last = rms_norm(last, self.w["norm"], cfg.rms_norm_eps)
-        return F.linear(last, self.w["lm_head"]).float()
+        return F.linear(last, self.w["lm_head"])
