@@ -38,8 +38,8 @@ def prompt(vocab: int, seed: int) -> list[int]:
     return torch.randint(10, vocab, (PROMPT,), generator=g).tolist()
 
 
-def make_engine(base, adapters: list, max_loras: int, dtype: str) -> Engine:
-    cfg = EngineConfig(model=str(base), dtype=dtype, adapters=tuple((p.name, str(p)) for p in adapters),
+def make_engine(base, adapters: list, max_loras: int, dtype: str, device: str = "auto") -> Engine:
+    cfg = EngineConfig(model=str(base), dtype=dtype, device=device, adapters=tuple((p.name, str(p)) for p in adapters),
                        max_loras=max_loras, max_lora_rank=16, max_num_seqs=STREAMS,
                        max_num_batched_tokens=2048, kv_cache_memory=1 << 30)
     engine = Engine(cfg)
@@ -134,6 +134,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"])
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="auto")
     ap.add_argument("--skip-peft", action="store_true")
     args = ap.parse_args()
     base = smollm_checkpoint(args.dtype)
@@ -148,7 +149,7 @@ def main() -> None:
     print(f"{'adapters':>8} {'cold ms':>8} {'warm ms':>8} {'warm / 1-adapter':>17}")
     first_warm = None
     for n in args.counts:
-        engine = make_engine(base, adapters[:n], max_loras=16, dtype=args.dtype)
+        engine = make_engine(base, adapters[:n], max_loras=16, dtype=args.dtype, device=args.device)
         cold, warm = latency(engine, [p.name for p in adapters[:n]], args.samples, seed=n)
         first_warm = first_warm or warm
         print(f"{n:8d} {cold * 1e3:8.1f} {warm * 1e3:8.1f} {warm / first_warm:17.2f}", flush=True)
@@ -156,7 +157,7 @@ def main() -> None:
 
     print(f"\n(b) throughput, {STREAMS} concurrent streams, {REQUESTS} requests x {NEW_TPUT} new tokens")
     print(f"{'spread':>8} {'ours tok/s':>11} {'vs base':>8} {'peft tok/s':>11} {'ours/peft':>10}")
-    engine = make_engine(base, adapters[: max(args.spreads)], max_loras=STREAMS, dtype=args.dtype)
+    engine = make_engine(base, adapters[: max(args.spreads)], max_loras=STREAMS, dtype=args.dtype, device=args.device)
     base_tput = throughput(engine, [None])
     peft_base = None if args.skip_peft else peft_throughput(base, adapters, 0, getattr(torch, args.dtype))
     pb = f"{peft_base:11.1f}" if peft_base else f"{'-':>11}"
