@@ -37,6 +37,17 @@ def _adapter_pair(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _weight_pair(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        weight = float(value)
+    except ValueError:
+        weight = -1.0
+    if not sep or not name or weight <= 0:
+        raise argparse.ArgumentTypeError(f"expected CLIENT=WEIGHT with a positive weight, got {text!r}")
+    return name, weight
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loragate", description="Serve many LoRA adapters on one base model "
                                 "behind an OpenAI-compatible API.")
@@ -76,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     e.add_argument("--fairness", default="vtc", choices=["vtc", "fcfs"],
                    help="vtc: share throughput fairly across tenants/adapters; fcfs: arrival order")
+    e.add_argument("--tenant-weight", action="append", type=_weight_pair, default=[], metavar="CLIENT=WEIGHT",
+                   help="VTC weight of a tenant (or adapter, for keyless requests); weight 2 gets twice "
+                   "the service of weight 1 when both are backlogged (repeatable; default 1)")
     h = s.add_argument_group("server")
     h.add_argument("--host", default="127.0.0.1", help="address to bind")
     h.add_argument("--port", type=int, default=8000, help="port to bind")
@@ -125,7 +139,7 @@ def build_configs(args: argparse.Namespace) -> ServeConfig:
         max_queue_len=args.max_queue_len, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
         max_cpu_adapter_memory=args.max_cpu_adapter_memory, adapters=tuple(adapters),
         adapter_dir=args.adapter_dir, pin_adapters=tuple(args.pin_adapter), fairness=args.fairness,
-        allowed_adapter_dirs=tuple(args.allowed_adapter_dir),
+        allowed_adapter_dirs=tuple(args.allowed_adapter_dir), tenant_weights=tuple(args.tenant_weight),
     )
     gateway = GatewaySettings(api_keys=tuple(args.api_key), api_keys_file=keys_file,
                               allowed_adapter_dirs=tuple(args.allowed_adapter_dir))

@@ -68,3 +68,11 @@ def test_version():
     out = subprocess.run([sys.executable, "-m", "loragate.cli", "--version"], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == f"loragate {__version__}"
+
+
+def test_tenant_weights_reach_the_engine_config(tmp_path):
+    cfg = build_configs(build_parser().parse_args(
+        ["serve", "--model", str(tmp_path), "--tenant-weight", "acme=2", "--tenant-weight", "globex=0.5"]))
+    assert dict(cfg.engine.tenant_weights) == {"acme": 2.0, "globex": 0.5}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--tenant-weight", "acme=-1"])
