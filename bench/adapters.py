@@ -136,6 +136,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--skip-latency", action="store_true", help="run only (b) and (c)")
     args = ap.parse_args()
     base = smollm_checkpoint(args.dtype)
     n_all = max(max(args.counts), max(args.spreads))
@@ -148,7 +149,7 @@ def main() -> None:
     print("\n(a) latency, 70-token prompt + 10 new tokens, one request at a time")
     print(f"{'adapters':>8} {'cold ms':>8} {'warm ms':>8} {'warm / 1-adapter':>17}")
     first_warm = None
-    for n in args.counts:
+    for n in ([] if args.skip_latency else args.counts):
         engine = make_engine(base, adapters[:n], max_loras=16, dtype=args.dtype, device=args.device)
         cold, warm = latency(engine, [p.name for p in adapters[:n]], args.samples, seed=n)
         first_warm = first_warm or warm
