@@ -137,36 +137,45 @@ def add_lora_ref(
 
 
 # Short segments (decode tokens of many different adapters) are cheaper batched than looped:
-# past this many of them, their tokens' A/B slices are gathered and multiplied with one bmm per
-# slice (the BGMV form), so the op count per layer no longer grows with the number of adapters.
-GATHER_MIN_SEGMENTS = 4
-GATHER_MAX_LEN = 2
+# past this many of them, they are padded into one [G, max_len, in] block and multiplied with one
+# bmm for the shrink and one per slice for the expand (the BGMV/SGMV idea on the CPU), so the op
+# count per layer no longer grows with the number of adapters, and each adapter's A and B are
+# gathered once per segment rather than once per token.
+GATHER_MIN_SEGMENTS = 2
+GATHER_MAX_LEN = 16
 
 
 def _gather_plan(layout: LoraBatchLayout, device: torch.device) -> dict | None:
-    """Row, slot, rank and scale tensors of the tokens in short segments (memoised per step)."""
+    """Index tensors of the short segments, padded to a block (memoised per step)."""
     if "gather" in layout.memo:
         return layout.memo["gather"]
     short = [seg for seg in layout.segments if seg.length <= GATHER_MAX_LEN]
     plan = None
     if len(short) >= GATHER_MIN_SEGMENTS:
-        rows, slots, ranks, scales = [], [], [], []
-        for seg in short:
-            for i in range(seg.start, seg.start + seg.length):
-                rows.append(i)
-                slots.append(seg.slot)
-                ranks.append(seg.rank)
-                scales.append(seg.scale)
-        rmax = max(ranks)
-        rank_t = torch.tensor(ranks)
+        G, Lm = len(short), max(seg.length for seg in short)
+        rmax = max(seg.rank for seg in short)
+        pad_rows = torch.zeros(G, Lm, dtype=torch.long)
+        valid = torch.zeros(G, Lm, dtype=torch.bool)
+        rows: list[int] = []
+        for g, seg in enumerate(short):
+            pad_rows[g, : seg.length] = torch.arange(seg.start, seg.start + seg.length)
+            valid[g, : seg.length] = True
+            rows.extend(range(seg.start, seg.start + seg.length))
+        ranks = torch.tensor([seg.rank for seg in short])
+        scales = torch.tensor([seg.scale for seg in short])
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         plan = {
+            "G": G, "Lm": Lm, "rmax": rmax,
+            "pad_rows": pad_rows.view(-1).to(device),
+            "valid": valid.view(-1).nonzero().squeeze(1).to(device),  # padded positions in token order
+            "slots": torch.tensor([seg.slot for seg in short], dtype=torch.long).to(device),
+            # rank columns past each segment's own rank are zeroed (buffer padding is never
+            # trusted) and the scale is folded in: [G, rmax]
+            "scale_mask": ((torch.arange(rmax).unsqueeze(0) < ranks.unsqueeze(1)).float()
+                           * scales.unsqueeze(1)).to(device),
             "rows": torch.tensor(rows, dtype=torch.long).to(device),
-            "slots": torch.tensor(slots, dtype=torch.long).to(device),
-            "rmax": rmax,
-            # zero the rank columns past each token's own rank (buffer padding is never trusted)
-            # and fold the scale in: [n, rmax]
-            "scale_mask": ((torch.arange(rmax).unsqueeze(0) < rank_t.unsqueeze(1)).float()
-                           * torch.tensor(scales).unsqueeze(1)).to(device),
+            # decode tokens sorted by slot usually form one block: add into a slice, not index_add
+            "span": (rows[0], rows[0] + len(rows)) if contiguous else None,
         }
     layout.memo["gather"] = plan
     return plan
@@ -174,16 +183,21 @@ def _gather_plan(layout: LoraBatchLayout, device: torch.device) -> dict | None:
 
 def _add_lora_gathered(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                        slice_offsets: Sequence[int], plan: dict) -> None:
-    rows, slots, rmax = plan["rows"], plan["slots"], plan["rmax"]
-    n, S, in_dim = rows.numel(), A.shape[1], A.shape[3]
-    xs = x.index_select(0, rows)  # [n, in]
-    a = A[:, :, :rmax, :][slots].reshape(n, S * rmax, in_dim)  # [n, S*rmax, in]
-    t = torch.bmm(a, xs.unsqueeze(-1)).view(n, S, rmax)
-    t = t * plan["scale_mask"].to(t.dtype).unsqueeze(1)
-    b = B[:, :, :rmax][slots]  # [n, N, rmax]
+    G, Lm, rmax = plan["G"], plan["Lm"], plan["rmax"]
+    S, in_dim = A.shape[1], A.shape[3]
+    xs = x.index_select(0, plan["pad_rows"]).view(G, Lm, in_dim)
+    a = A.narrow(2, 0, rmax).index_select(0, plan["slots"]).view(G, S * rmax, in_dim)
+    t = torch.bmm(xs, a.transpose(1, 2)).view(G, Lm, S, rmax)
+    t = t * plan["scale_mask"].to(t.dtype).view(G, 1, 1, rmax)
+    b = B.narrow(2, 0, rmax).index_select(0, plan["slots"])  # [G, N, rmax]
     deltas = []
     for i in range(S):
         o0, o1 = slice_offsets[i], slice_offsets[i + 1]
-        deltas.append(torch.bmm(b[:, o0:o1, :], t[:, i, :].unsqueeze(-1)).squeeze(-1))
-    delta = deltas[0] if S == 1 else torch.cat(deltas, dim=1)
-    y.index_add_(0, rows, delta.to(y.dtype))
+        deltas.append(torch.bmm(t[:, :, i, :], b[:, o0:o1, :].transpose(1, 2)))  # [G, Lm, Ns]
+    delta = (deltas[0] if S == 1 else torch.cat(deltas, dim=2)).view(G * Lm, -1)
+    if Lm > 1 or plan["valid"].numel() != G * Lm:
+        delta = delta.index_select(0, plan["valid"])
+    if plan["span"] is not None:
+        y[plan["span"][0]:plan["span"][1]].add_(delta.to(y.dtype))
+    else:
+        y.index_add_(0, plan["rows"], delta.to(y.dtype))
