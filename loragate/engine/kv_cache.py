@@ -2,7 +2,7 @@
 
 Memory is sized once at start-up from an explicit byte budget (or a fraction of free device
 memory) and never grows: a request that does not fit waits or preempts another, it never makes
-the server allocate more. Each layer's keys and values live in one flat [kv_heads, slots, head_dim]
+the server allocate more. Each layer's keys and values live in one flat [slots, kv_heads, head_dim]
 tensor; slot = block * block_size + offset.
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ class KVCache:
         self.block_size = spec.block_size
         self.allocator = BlockAllocator(num_blocks)
         slots = num_blocks * spec.block_size
-        shape = (spec.num_kv_heads, slots, spec.head_dim)  # head-major, see model/attention.py
+        shape = (slots, spec.num_kv_heads, spec.head_dim)
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
             (torch.zeros(shape, dtype=spec.dtype, device=device), torch.zeros(shape, dtype=spec.dtype, device=device))
             for _ in range(spec.num_layers)

@@ -39,14 +39,14 @@ def paged_attention(
     q: torch.Tensor,  # [T, Hq, D] (rope applied)
     k: torch.Tensor,  # [T, Hk, D]
     v: torch.Tensor,
-    k_cache: torch.Tensor,  # [Hk, slots, D] (head-major: a gather yields per-head contiguous rows)
+    k_cache: torch.Tensor,  # [slots, Hk, D]
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
     """Write this step's k/v into the cache, then attend. Returns [T, Hq*D]."""
-    k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
     T, Hq, D = q.shape
     gqa = Hq != k.shape[1]
     out = torch.empty_like(q)
@@ -60,8 +60,8 @@ def paged_attention(
             vp = v[chunk.start:chunk.end].transpose(0, 1)
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
-            kp = k_cache.index_select(1, chunk.kv_index)  # [Hk, ctx, D]
-            vp = v_cache.index_select(1, chunk.kv_index)
+            kp = k_cache.index_select(0, chunk.kv_index).transpose(0, 1)  # [Hk, ctx, D]
+            vp = v_cache.index_select(0, chunk.kv_index).transpose(0, 1)
             n, ctx = chunk.end - chunk.start, chunk.kv_index.numel()
             mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - n)
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=gqa)
@@ -74,20 +74,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """One query per sequence against its gathered context: [B, Hq, D] -> [B, Hq, D].
 
     Written out as two batched matmuls rather than SDPA: for a single query row the fused kernels
-    cost more in set-up than the work itself (measured ~3x slower on the CPU at batch 64). The
-    cache is head-major ([Hk, slots, D]), so an index_select gather gives [Hk, B, L, D] whose
-    (head, sequence) batch is contiguous and both matmuls run without copying the keys; query heads
+    cost more in set-up than the work itself (measured ~3x slower on the CPU at batch 64). Pages
+    are gathered with index_select (several times cheaper than advanced indexing) from the
+    slot-major cache, then laid out per head so both matmuls read contiguous memory; query heads
     sharing a KV head (GQA) ride along as rows of the same matmul.
     """
     B, Hq, D = q.shape
     L = kv_index.shape[1]
-    Hk = k_cache.shape[0]
-    g = Hq // Hk
+    Hk = k_cache.shape[1]
     flat = kv_index.reshape(-1)
-    k = k_cache.index_select(1, flat).view(Hk * B, L, D)
-    v = v_cache.index_select(1, flat).view(Hk * B, L, D)
-    qh = q.view(B, Hk, g, D).transpose(0, 1).reshape(Hk * B, g, D)
-    scores = torch.bmm(qh, k.transpose(1, 2)).float().mul_(scale).view(Hk, B, g, L)
-    scores.masked_fill_(~mask.view(1, B, 1, L), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(Hk * B, g, L)
-    return torch.bmm(probs, v).view(Hk, B, g, D).transpose(0, 1).reshape(B, Hq, D)
+    k = k_cache.index_select(0, flat).view(B, L, Hk, D).permute(0, 2, 3, 1).contiguous()  # [B, Hk, D, L]
+    v = v_cache.index_select(0, flat).view(B, L, Hk, D).transpose(1, 2).contiguous()  # [B, Hk, L, D]
+    scores = torch.matmul(q.view(B, Hk, Hq // Hk, D), k).float().mul_(scale)  # [B, Hk, g, L]
+    scores.masked_fill_(~mask.view(B, 1, 1, L), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(B, Hq, D)
