@@ -64,6 +64,8 @@ class AsyncEngine:
     def start_sync(self) -> None:
         if self._thread is not None:
             return
+        if self.engine.adapters is not None:
+            self.engine.adapters.on_change = self._wake.set
         self.engine.start()
         self._thread = threading.Thread(target=self._run, name="loragate-engine", daemon=True)
         self._thread.start()
@@ -89,22 +91,24 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stop:
+                self._wake.clear()  # before looking for work, so no wake-up in between is lost
                 while True:
                     try:
                         self._cmds.get_nowait()()
                     except queue.Empty:
                         break
+                stepped = False
                 if self.engine.has_work():
                     outputs = self.engine.step()
                     self._deliver(outputs)
-                    self._finish_unregisters()
-                else:
-                    self._finish_unregisters()
-                    self._stats = self.engine.stats()
-                    # wait for a command, or poll while adapters load in the background
-                    self._wake.wait(timeout=0.05 if self.engine.scheduler.num_waiting else 1.0)
-                    self._wake.clear()
+                    stepped = bool(outputs) or bool(self.engine.scheduler.running)
+                self._finish_unregisters()
                 self._stats = self.engine.stats()
+                if not stepped:
+                    # idle, or every waiting request needs an adapter still loading: sleep until a
+                    # command arrives or the adapter cache reports progress (no busy loop that
+                    # would starve the loader thread of the GIL)
+                    self._wake.wait(timeout=1.0)
         except BaseException as exc:  # noqa: BLE001 - the loop must report every failure
             self._dead = f"{type(exc).__name__}: {exc}"
             log.error("engine loop died: %s\n%s", self._dead, traceback.format_exc())

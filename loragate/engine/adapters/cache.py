@@ -97,6 +97,9 @@ class AdapterCache:
         self._busy = False
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # called (from the loader thread) after every load step, so an idle step loop waiting for
+        # an adapter wakes at once instead of polling
+        self.on_change: Callable[[], None] | None = None
         for name in pinned:
             self._entry(name).pinned = True
 
@@ -317,6 +320,8 @@ class AdapterCache:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+                if self.on_change is not None:
+                    self.on_change()
 
     def _current(self, e: _Entry) -> bool:
         return self._entries.get(e.name) is e
