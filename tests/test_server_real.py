@@ -182,3 +182,25 @@ def test_curl_streaming(server):
     assert all(e.startswith("data: ") for e in events)
     first = json.loads(events[0][6:])
     assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_disconnect_during_non_streaming_request_aborts_it(server):
+    engine = server["engine"]
+    aborted: list[str] = []
+    original = engine.abort
+
+    def spy(request_id):
+        aborted.append(request_id)
+        original(request_id)
+
+    engine.abort = spy
+    try:
+        body = chat_kwargs("tenant7", "a long answer", max_tokens=230) | {"ignore_eos": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server["url"] + "/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=0.3),
+                       headers={"Authorization": f"Bearer {ADMIN}"})
+        wait_for(lambda: aborted, timeout=20, what="the engine request to be aborted")
+        wait_for(lambda: (s := engine.stats()).running == 0 and s.kv_blocks_used == 0, timeout=20,
+                 what="engine counters back to zero")
+    finally:
+        engine.abort = original

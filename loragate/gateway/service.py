@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import suppress
+from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -296,3 +296,41 @@ def output_error(out: RequestOutput) -> APIError:
     if out.finish_reason == "abort":
         return APIError(500, out.error or "request was aborted by the server", "server_error", None, "aborted")
     return APIError(500, out.error or "generation failed", "server_error", None, "generation_error")
+
+
+async def collect(gen: Generation, add: Any, request: Request) -> None:
+    """Gather every output of a non-streaming response, calling `add(choice_index, output)`.
+
+    The client may give up while we generate: a task watches the connection (the ASGI receive
+    channel yields `http.disconnect` once the body is read), and on disconnect the engine
+    requests are aborted at once, so their KV blocks and adapter slot are freed within a step
+    instead of generating to the end for nobody.
+    """
+
+    async def consume() -> None:
+        async with aclosing(gen.events()) as events:
+            async for i, out in events:
+                if out.finished and out.finish_reason not in ("stop", "length"):
+                    raise output_error(out)
+                add(i, out)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work = asyncio.create_task(consume())
+    watch = asyncio.create_task(disconnected())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            raise APIError(499, "client closed the request", "invalid_request_error", None, "client_disconnected")
+        work.result()
+    except APIError:
+        raise
+    except Exception as exc:
+        raise classify(exc) from exc
+    finally:
+        for task in (work, watch):
+            task.cancel()
+        await asyncio.gather(work, watch, return_exceptions=True)
+        await gen.aclose()

@@ -21,6 +21,7 @@ from loragate.gateway.protocol import (
 )
 from loragate.gateway.service import (
     Generation,
+    collect,
     classify,
     authenticate,
     check_context,
@@ -102,18 +103,7 @@ async def create_chat_completion(request: Request, principal: Principal = Depend
     fingerprint = ctx.settings.system_fingerprint
 
     if not req.stream:
-        try:
-            async with aclosing(gen.events()) as events:
-                async for i, out in events:
-                    if out.finished and out.finish_reason not in ("stop", "length"):
-                        raise output_error(out)
-                    states[i].add(out)
-        except APIError:
-            raise
-        except Exception as exc:
-            raise classify(exc) from exc
-        finally:
-            await gen.aclose()
+        await collect(gen, lambda i, out: states[i].add(out), request)
         rec.completion_tokens = sum(s.completion_tokens for s in states)
         choices = [
             ChatChoice(index=i, message=ChatResponseMessage(content="".join(s.text)),

@@ -16,6 +16,7 @@ from loragate.gateway.formatting import ChoiceState, completion_logprobs, usage
 from loragate.gateway.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from loragate.gateway.service import (
     Generation,
+    collect,
     classify,
     authenticate,
     check_context,
@@ -93,18 +94,7 @@ async def create_completion(request: Request, principal: Principal = Depends(aut
         return completion_logprobs(tok, lps or [], top_n, emitted[k])
 
     if not req.stream:
-        try:
-            async with aclosing(gen.events()) as events:
-                async for k, out in events:
-                    if out.finished and out.finish_reason not in ("stop", "length"):
-                        raise output_error(out)
-                    states[k].add(out)
-        except APIError:
-            raise
-        except Exception as exc:
-            raise classify(exc) from exc
-        finally:
-            await gen.aclose()
+        await collect(gen, lambda k, out: states[k].add(out), request)
         rec.completion_tokens = sum(s.completion_tokens for s in states)
         choices = [CompletionChoice(index=k, text=echo[k // n] + "".join(s.text), logprobs=logprobs_for(k, s.logprobs),
                                     finish_reason=s.finish_reason) for k, s in enumerate(states)]
