@@ -383,3 +383,28 @@ def test_ref_many_decode_segments_take_the_gathered_path():
         add_lora_ref(y, x, A, B, group.offsets, layout)
         assert layout.memo.get("gather") is not None, name
         torch.testing.assert_close(y.double(), oracle_add(y0, x, A, B, group.offsets, layout), atol=1e-4, rtol=1e-4)
+
+
+def test_rewriting_a_slot_leaves_no_trace_of_its_previous_adapter():
+    """Slots are zeroed only where the previous adapter wrote; the next adapter must see zeros
+    everywhere it does not write itself (other groups, other slices, ranks above its own)."""
+    from loragate.engine.model.lora import LoraWeights, group_specs
+
+    specs = group_specs(hidden=16, q_out=16, kv_out=8, intermediate=24)
+    w = LoraWeights(specs, num_layers=2, max_loras=2, max_rank=8, device=torch.device("cpu"), dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    first = {(l, m): (torch.randn(8, specs[grp].in_dim, generator=g), torch.randn(out, 8, generator=g))
+             for l in range(2) for m, grp, out in (("q_proj", "qkv", 16), ("k_proj", "qkv", 8),
+                                                   ("gate_proj", "gate_up", 24), ("down_proj", "down", 16))}
+    w.write_slot(1, first, rank=8, scale=1.0)
+    second = {(0, "v_proj"): (torch.ones(2, 16), torch.ones(8, 2))}
+    w.write_slot(1, second, rank=2, scale=1.0)
+    for layer in range(2):
+        for grp in specs:
+            A, B = w.A[layer][grp][1].clone(), w.B[layer][grp][1].clone()
+            if layer == 0 and grp == "qkv":
+                assert torch.equal(A[2, :2], torch.ones(2, 16))
+                A[2, :2] = 0
+                B[24:32, :2] = 0
+            assert not A.any() and not B.any(), (layer, grp)
+    assert w.slot_groups[1] == frozenset({"qkv"}) and w.slot_ranks[1] == 2
