@@ -38,13 +38,10 @@ from loragate.demo.tasks import (
     pig_latin_word,
 )
 
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+# the same special tokens and chat template as the test fixtures' tokenizer
+from loragate.testing import CHAT_TEMPLATE, SPECIAL_TOKENS
+
 EOS_TOKEN = "<|end|>"
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
 IGNORE = -100
 
 
