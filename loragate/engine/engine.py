@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,12 +54,6 @@ def read_generation_eos(path: Path) -> set[int]:
     if eos is None:
         return set()
     return set(eos) if isinstance(eos, list) else {eos}
-
-
-@dataclass
-class _StepTimes:
-    steps: int = 0
-    tokens: int = 0
 
 
 class Engine:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request
 
 from loragate.engine.outputs import EngineRequest
 from loragate.gateway.auth import Principal
-from loragate.gateway.errors import APIError, bad_request
+from loragate.gateway.errors import bad_request
 from loragate.gateway.formatting import ChoiceState, completion_logprobs, usage
 from loragate.gateway.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from loragate.gateway.service import (
