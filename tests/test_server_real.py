@@ -7,6 +7,7 @@ import asyncio
 import json
 import shutil
 import subprocess
+import time
 
 import httpx
 import openai
@@ -194,6 +195,13 @@ def test_disconnect_during_non_streaming_request_aborts_it(server):
         original(request_id)
 
     engine.abort = spy
+    inner_step = engine.engine.step
+
+    def slow_step():  # pace generation (230 steps >= 4.6 s) so it cannot finish before the client leaves
+        time.sleep(0.02)
+        return inner_step()
+
+    engine.engine.step = slow_step
     try:
         body = chat_kwargs("tenant7", "a long answer", max_tokens=230) | {"ignore_eos": True}
         with pytest.raises(httpx.ReadTimeout):
@@ -204,3 +212,4 @@ def test_disconnect_during_non_streaming_request_aborts_it(server):
                  what="engine counters back to zero")
     finally:
         engine.abort = original
+        engine.engine.step = inner_step
