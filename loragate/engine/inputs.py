@@ -22,8 +22,8 @@ def _slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) 
 def build_forward_batch(scheduled: list[ScheduledSeq], block_size: int, device: torch.device,
                         lora: LoraWeights | None) -> ForwardBatch:
     ids: list[int] = []
-    positions: list[torch.Tensor] = []
-    slot_maps: list[torch.Tensor] = []
+    positions: list[int] = []
+    slot_map: list[int] = []
     token_slots: list[int] = []
     logits_rows: list[int] = []
     decode_rows: list[int] = []
@@ -33,24 +33,25 @@ def build_forward_batch(scheduled: list[ScheduledSeq], block_size: int, device: 
     row = 0
     for s in scheduled:
         seq, n, start = s.seq, s.num_tokens, s.seq.num_computed
+        table = seq.block_table
         ids.extend(seq.token_at(i) for i in range(start, start + n))
-        pos = torch.arange(start, start + n)
-        table = torch.tensor(seq.block_table, dtype=torch.long)
-        positions.append(pos)
-        slot_maps.append(_slots(table, pos, block_size))
+        positions.extend(range(start, start + n))
+        # plain ints: a step is mostly one-token decodes, where tensor ops per sequence cost more
+        slot_map.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + n))
         token_slots.extend([seq.slot] * n)
         if n == 1 and start > 0:
             decode_rows.append(row)
-            decode_tables.append(seq.block_table)
+            decode_tables.append(table)
             decode_lens.append(start + 1)
         else:
             ctx = start + n
-            kv_index = _slots(table, torch.arange(ctx), block_size) if start > 0 else torch.empty(0, dtype=torch.long)
+            kv_index = (_slots(torch.tensor(table, dtype=torch.long), torch.arange(ctx), block_size)
+                        if start > 0 else torch.empty(0, dtype=torch.long))
             prefills.append(PrefillChunk(row, row + n, kv_index.to(device), fresh=start == 0))
         if s.sample:
             logits_rows.append(row + n - 1)
         row += n
-    meta = AttentionMetadata(slot_mapping=torch.cat(slot_maps).to(device), prefills=prefills)
+    meta = AttentionMetadata(slot_mapping=torch.tensor(slot_map, dtype=torch.long).to(device), prefills=prefills)
     if decode_rows:
         max_blocks = max(len(t) for t in decode_tables)
         tables = torch.zeros(len(decode_tables), max_blocks, dtype=torch.long)
@@ -69,7 +70,7 @@ def build_forward_batch(scheduled: list[ScheduledSeq], block_size: int, device: 
         layout = LoraBatchLayout.from_token_slots(token_slots, lora.slot_ranks, lora.slot_scales, device)
     return ForwardBatch(
         input_ids=torch.tensor(ids, dtype=torch.long).to(device),
-        positions=torch.cat(positions).to(device),
+        positions=torch.tensor(positions, dtype=torch.long).to(device),
         attn=meta,
         logits_rows=torch.tensor(logits_rows, dtype=torch.long).to(device),
         lora=layout,

