@@ -7,7 +7,6 @@ on the adapter cache's loader thread, which only touches slots no running reques
 """
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -33,27 +32,12 @@ from loragate.engine.scheduler import Scheduler
 from loragate.engine.sequence import Sequence, SeqState
 from loragate.engine.tokenizer import Tokenizer
 
-log = logging.getLogger("loragate.engine")
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda requested but no CUDA device is available")
     return torch.device(name)
-
-
-def read_generation_eos(path: Path) -> set[int]:
-    import json
-
-    gen = path / "generation_config.json"
-    if not gen.is_file():
-        return set()
-    eos = json.loads(gen.read_text()).get("eos_token_id")
-    if eos is None:
-        return set()
-    return set(eos) if isinstance(eos, list) else {eos}
 
 
 class Engine:
@@ -72,7 +56,8 @@ class Engine:
         weights = fused_weights(mc, read_tensors(path), self.device, self.dtype)
         self.model = LlamaModel(mc, weights, self.device, self.dtype, max_positions=max(self.max_model_len, mc.max_position_embeddings))
         self.tokenizer = Tokenizer.from_pretrained(path)
-        self.eos_ids = set(self.tokenizer.eos_token_ids) | set(mc.eos_token_ids) | read_generation_eos(path)
+        # the tokenizer's set already includes generation_config.json's eos_token_id
+        self.eos_ids = set(self.tokenizer.eos_token_ids) | set(mc.eos_token_ids)
         spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, self.dtype)
         budget = kv_budget_bytes(config.kv_cache_memory, self.device, config.gpu_memory_fraction, config.cpu_kv_cache_memory)
         self.kv = KVCache(spec, spec.blocks_for_budget(budget), self.device)
