@@ -85,8 +85,7 @@ class Engine:
     def start(self) -> None:
         if self.adapters is not None:
             self.adapters.start()
-            for name in self.config.pin_adapters:
-                self.adapters.pin(name)
+            for name in self.config.pin_adapters:  # pinned at construction; load them now
                 self.adapters.request(name)
 
     def shutdown(self) -> None:
