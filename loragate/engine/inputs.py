@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from loragate.engine.kv_cache import KVCache
 from loragate.engine.model.attention import AttentionMetadata, PrefillChunk
 from loragate.engine.model.llama import ForwardBatch
 from loragate.engine.model.lora import LoraWeights
@@ -37,7 +38,7 @@ def build_forward_batch(scheduled: list[ScheduledSeq], block_size: int, device: 
         ids.extend(seq.token_at(i) for i in range(start, start + n))
         positions.extend(range(start, start + n))
         # plain ints: a step is mostly one-token decodes, where tensor ops per sequence cost more
-        slot_map.extend(table[p // block_size] * block_size + p % block_size for p in range(start, start + n))
+        slot_map.extend(KVCache.slot(table, p, block_size) for p in range(start, start + n))
         token_slots.extend([seq.slot] * n)
         if n == 1 and start > 0:
             decode_rows.append(row)

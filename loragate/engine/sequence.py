@@ -56,10 +56,5 @@ class Sequence:
         return p[i] if i < len(p) else self.output_ids[i - len(p)]
 
     @property
-    def in_prefill(self) -> bool:
-        """True while more than the last token still has to go through the model."""
-        return self.num_tokens - self.num_computed > 1
-
-    @property
     def waited(self) -> float:
         return (self.admitted_at or time.monotonic()) - self.request.arrival_time
