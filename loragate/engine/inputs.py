@@ -17,7 +17,8 @@ from loragate.kernels.layout import LoraBatchLayout
 
 
 def _slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    return block_table[positions // block_size] * block_size + positions % block_size
+    """Cache slots of `positions` through a block table ([blocks], or [B, blocks] for a batch)."""
+    return block_table[..., positions // block_size] * block_size + positions % block_size
 
 
 def build_forward_batch(scheduled: list[ScheduledSeq], block_size: int, device: torch.device,
@@ -60,7 +61,7 @@ def build_forward_batch(scheduled: list[ScheduledSeq], block_size: int, device: 
             tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
         max_len = max(decode_lens)
         offs = torch.arange(max_len)
-        kv_index = tables[:, offs // block_size] * block_size + offs % block_size
+        kv_index = _slots(tables, offs, block_size)
         lens = torch.tensor(decode_lens)
         mask = (offs.unsqueeze(0) < lens.unsqueeze(1)).view(len(decode_lens), 1, 1, max_len)
         meta.decode_rows = torch.tensor(decode_rows, dtype=torch.long).to(device)
