@@ -27,18 +27,13 @@ _CORPUS_WORDS = (
 ).split()
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0) -> Path:
-    """Train a byte-level BPE tokenizer and save it the way transformers does (tokenizer.json +
-    tokenizer_config.json with a chat template). Byte-level means any Unicode text round-trips."""
+def train_byte_level_bpe(lines: list[str], vocab_size: int, pre_tokenizer=None):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on `lines` with SPECIAL_TOKENS; byte-level
+    means any Unicode text round-trips. `pre_tokenizer` defaults to ByteLevel's own regex split."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    lines = [" ".join(rng.choice(_CORPUS_WORDS) for _ in range(12)) for _ in range(2000)]
     tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -47,6 +42,19 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0) -
         show_progress=False,
     )
     tok.train_from_iterator(lines, trainer=trainer)
+    return tok
+
+
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0) -> Path:
+    """Train a byte-level BPE tokenizer and save it the way transformers does (tokenizer.json +
+    tokenizer_config.json with a chat template). Byte-level means any Unicode text round-trips."""
+    from transformers import PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(_CORPUS_WORDS) for _ in range(12)) for _ in range(2000)]
+    tok = train_byte_level_bpe(lines, vocab_size)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",

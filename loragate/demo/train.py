@@ -38,8 +38,8 @@ from loragate.demo.tasks import (
     pig_latin_word,
 )
 
-# the same special tokens and chat template as the test fixtures' tokenizer
-from loragate.testing import CHAT_TEMPLATE, SPECIAL_TOKENS
+# the same special tokens (via train_byte_level_bpe) and chat template as the test fixtures' tokenizer
+from loragate.testing import CHAT_TEMPLATE, train_byte_level_bpe
 
 EOS_TOKEN = "<|end|>"
 IGNORE = -100
@@ -107,25 +107,17 @@ class TrainConfig:
 def build_tokenizer(out_dir: Path, vocab_size: int):
     """Train the byte-level BPE on the demo words in every form a skill can output, save it with
     the chat template, and return it loaded through transformers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     lines: list[str] = []
     for w in WORDS:  # frequencies steer BPE: plain words first, then their other forms
         lines += [w] * 6 + [w.upper()] * 3 + [pig_latin_word(w)] * 3
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
+    split = pre_tokenizers.Sequence([
         pre_tokenizers.Split(" ", behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(lines, trainer=trainer)
+    tok = train_byte_level_bpe(lines, vocab_size, split)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save(str(out_dir / "tokenizer.json"))
     # Written by hand, not by save_pretrained: transformers 5 would name a tokenizer class older
