@@ -11,7 +11,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -26,6 +26,7 @@ from loragate.gateway.auth import KeyStore, Principal
 from loragate.gateway.errors import APIError, bad_request, from_engine_error, internal_error, model_not_found
 from loragate.gateway.metrics import GatewayMetrics
 from loragate.gateway.settings import GatewaySettings
+from loragate.gateway.streaming import DONE, sse
 
 M = TypeVar("M", bound=BaseModel)
 log = logging.getLogger("loragate.gateway")
@@ -298,8 +299,19 @@ def output_error(out: RequestOutput) -> APIError:
     return APIError(500, out.error or "generation failed", "server_error", None, "generation_error")
 
 
-async def collect(gen: Generation, add: Any, request: Request) -> None:
-    """Gather every output of a non-streaming response, calling `add(choice_index, output)`.
+async def checked_outputs(gen: Generation, states: list) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Each engine output as (choice index, output), already added to its choice's state; an
+    output that ended in error or abort raises the matching APIError instead."""
+    async with aclosing(gen.events()) as events:
+        async for i, out in events:
+            if out.finished and out.finish_reason not in ("stop", "length"):
+                raise output_error(out)
+            states[i].add(out)
+            yield i, out
+
+
+async def collect(gen: Generation, states: list, request: Request) -> None:
+    """Gather every output of a non-streaming response into `states` (one per choice).
 
     The client may give up while we generate: a task watches the connection (the ASGI receive
     channel yields `http.disconnect` once the body is read), and on disconnect the engine
@@ -308,11 +320,8 @@ async def collect(gen: Generation, add: Any, request: Request) -> None:
     """
 
     async def consume() -> None:
-        async with aclosing(gen.events()) as events:
-            async for i, out in events:
-                if out.finished and out.finish_reason not in ("stop", "length"):
-                    raise output_error(out)
-                add(i, out)
+        async for _ in checked_outputs(gen, states):
+            pass
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -333,4 +342,33 @@ async def collect(gen: Generation, add: Any, request: Request) -> None:
         for task in (work, watch):
             task.cancel()
         await asyncio.gather(work, watch, return_exceptions=True)
+        await gen.aclose()
+
+
+async def sse_events(gen: Generation, states: list, rec: RequestRecord, opening: list[bytes],
+                     render: Callable[[int, RequestOutput], list[bytes]],
+                     final_usage: Callable[[], bytes] | None) -> AsyncIterator[bytes]:
+    """The OpenAI stream shared by chat and completions: the opening chunks, `render`'s chunks
+    for each engine output, a usage chunk when asked for, then `[DONE]`. An error mid-stream is
+    sent as an error event followed by `[DONE]`; a client that goes away (the generator is
+    cancelled or closed) aborts the engine requests."""
+    try:
+        for c in opening:
+            yield c
+        async for i, out in checked_outputs(gen, states):
+            for c in render(i, out):
+                yield c
+        rec.completion_tokens = sum(s.completion_tokens for s in states)
+        if final_usage is not None:
+            yield final_usage()
+        yield DONE
+    except BaseException as exc:
+        rec.completion_tokens = sum(s.completion_tokens for s in states)
+        if not isinstance(exc, Exception):  # cancelled / closed: the client went away
+            rec.outcome = "aborted"
+            raise
+        rec.outcome = "error"
+        yield sse(classify(exc).body())
+        yield DONE
+    finally:
         await gen.aclose()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from contextlib import aclosing
 
 from fastapi import APIRouter, Depends, Request
 
@@ -22,19 +21,18 @@ from loragate.gateway.protocol import (
 from loragate.gateway.service import (
     Generation,
     collect,
-    classify,
+    sse_events,
     authenticate,
     check_context,
     get_ctx,
     get_record,
-    output_error,
     parse_body,
     reject_unsupported,
     resolve_model,
     sampling_params,
     with_seed,
 )
-from loragate.gateway.streaming import DONE, SSEResponse, sse
+from loragate.gateway.streaming import SSEResponse, sse
 
 router = APIRouter()
 
@@ -103,7 +101,7 @@ async def create_chat_completion(request: Request, principal: Principal = Depend
     fingerprint = ctx.settings.system_fingerprint
 
     if not req.stream:
-        await collect(gen, lambda i, out: states[i].add(out), request)
+        await collect(gen, states, request)
         rec.completion_tokens = sum(s.completion_tokens for s in states)
         choices = [
             ChatChoice(index=i, message=ChatResponseMessage(content="".join(s.text)),
@@ -120,33 +118,15 @@ async def create_chat_completion(request: Request, principal: Principal = Depend
         return sse(ChatCompletionChunk(id=rid, created=created, model=req.model, system_fingerprint=fingerprint,
                                        choices=choices, usage=use))
 
-    async def stream():
-        try:
-            for i in range(req.n):
-                yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
-            async with aclosing(gen.events()) as events:
-                async for i, out in events:
-                    if out.finished and out.finish_reason not in ("stop", "length"):
-                        raise output_error(out)
-                    states[i].add(out)
-                    if out.new_text or (req.logprobs and out.new_logprobs):
-                        lp = chat_logprobs(engine.tokenizer, out.new_logprobs or [], top_n) if req.logprobs else None
-                        yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(content=out.new_text), logprobs=lp)])
-                    if out.finished:
-                        yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(), finish_reason=out.finish_reason)])
-            rec.completion_tokens = sum(s.completion_tokens for s in states)
-            if include_usage:
-                yield chunk([], usage(len(prompt), states))
-            yield DONE
-        except BaseException as exc:
-            rec.completion_tokens = sum(s.completion_tokens for s in states)
-            if not isinstance(exc, Exception):  # cancelled / closed: the client went away
-                rec.outcome = "aborted"
-                raise
-            rec.outcome = "error"
-            yield sse(classify(exc).body())
-            yield DONE
-        finally:
-            await gen.aclose()
+    def render(i: int, out) -> list[bytes]:
+        chunks = []
+        if out.new_text or (req.logprobs and out.new_logprobs):
+            lp = chat_logprobs(engine.tokenizer, out.new_logprobs or [], top_n) if req.logprobs else None
+            chunks.append(chunk([ChatChunkChoice(index=i, delta=ChatDelta(content=out.new_text), logprobs=lp)]))
+        if out.finished:
+            chunks.append(chunk([ChatChunkChoice(index=i, delta=ChatDelta(), finish_reason=out.finish_reason)]))
+        return chunks
 
-    return SSEResponse(stream())
+    opening = [chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))]) for i in range(req.n)]
+    final_usage = (lambda: chunk([], usage(len(prompt), states))) if include_usage else None
+    return SSEResponse(sse_events(gen, states, rec, opening, render, final_usage))

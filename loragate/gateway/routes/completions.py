@@ -5,7 +5,6 @@ Choice index = prompt index * n + i, as in the OpenAI API.
 from __future__ import annotations
 
 import time
-from contextlib import aclosing
 
 from fastapi import APIRouter, Depends, Request
 
@@ -17,19 +16,18 @@ from loragate.gateway.protocol import CompletionChoice, CompletionRequest, Compl
 from loragate.gateway.service import (
     Generation,
     collect,
-    classify,
+    sse_events,
     authenticate,
     check_context,
     get_ctx,
     get_record,
-    output_error,
     parse_body,
     reject_unsupported,
     resolve_model,
     sampling_params,
     with_seed,
 )
-from loragate.gateway.streaming import DONE, SSEResponse, sse
+from loragate.gateway.streaming import SSEResponse, sse
 
 router = APIRouter()
 
@@ -94,7 +92,7 @@ async def create_completion(request: Request, principal: Principal = Depends(aut
         return completion_logprobs(tok, lps or [], top_n, emitted[k])
 
     if not req.stream:
-        await collect(gen, lambda k, out: states[k].add(out), request)
+        await collect(gen, states, request)
         rec.completion_tokens = sum(s.completion_tokens for s in states)
         choices = [CompletionChoice(index=k, text=echo[k // n] + "".join(s.text), logprobs=logprobs_for(k, s.logprobs),
                                     finish_reason=s.finish_reason) for k, s in enumerate(states)]
@@ -107,35 +105,16 @@ async def create_completion(request: Request, principal: Principal = Depends(aut
         return sse(CompletionResponse(id=rid, created=created, model=req.model, system_fingerprint=fingerprint,
                                       choices=choices, usage=use))
 
-    async def stream():
-        try:
-            if req.echo:
-                for k in range(len(requests)):
-                    yield chunk([CompletionChoice(index=k, text=echo[k // n])])
-            async with aclosing(gen.events()) as events:
-                async for k, out in events:
-                    if out.finished and out.finish_reason not in ("stop", "length"):
-                        raise output_error(out)
-                    states[k].add(out)
-                    if out.new_text or (req.logprobs is not None and out.new_logprobs):
-                        yield chunk([CompletionChoice(index=k, text=out.new_text,
-                                                      logprobs=logprobs_for(k, out.new_logprobs))])
-                        emitted[k] += sum(len(tok.token_text(lp.token_id)) for lp in out.new_logprobs or [])
-                    if out.finished:
-                        yield chunk([CompletionChoice(index=k, text="", finish_reason=out.finish_reason)])
-            rec.completion_tokens = sum(s.completion_tokens for s in states)
-            if include_usage:
-                yield chunk([], usage(prompt_tokens, states))
-            yield DONE
-        except BaseException as exc:
-            rec.completion_tokens = sum(s.completion_tokens for s in states)
-            if not isinstance(exc, Exception):
-                rec.outcome = "aborted"
-                raise
-            rec.outcome = "error"
-            yield sse(classify(exc).body())
-            yield DONE
-        finally:
-            await gen.aclose()
+    def render(k: int, out) -> list[bytes]:
+        chunks = []
+        if out.new_text or (req.logprobs is not None and out.new_logprobs):
+            chunks.append(chunk([CompletionChoice(index=k, text=out.new_text,
+                                                  logprobs=logprobs_for(k, out.new_logprobs))]))
+            emitted[k] += sum(len(tok.token_text(lp.token_id)) for lp in out.new_logprobs or [])
+        if out.finished:
+            chunks.append(chunk([CompletionChoice(index=k, text="", finish_reason=out.finish_reason)]))
+        return chunks
 
-    return SSEResponse(stream())
+    opening = [chunk([CompletionChoice(index=k, text=echo[k // n])]) for k in range(len(requests))] if req.echo else []
+    final_usage = (lambda: chunk([], usage(prompt_tokens, states))) if include_usage else None
+    return SSEResponse(sse_events(gen, states, rec, opening, render, final_usage))
