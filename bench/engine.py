@@ -4,7 +4,9 @@ One run, one machine, random SmolLM-135M-shaped checkpoint (hidden 576, 30 layer
 3 KV heads, intermediate 1536, vocab 49152), bf16 by default. For each batch size B:
   ours     - B requests prefilled, then the time of N decode steps of the engine
   hf       - transformers' generate on the same B prompts (greedy), prefill time subtracted
-  floor    - the same model's matmuls alone (qkv, o, gate_up, down per layer + lm_head) at batch B
+  floor    - the same model's matmuls alone (qkv, o, gate_up, down per layer + lm_head) at batch B,
+             run the way the engine runs them (on the CPU: weights reordered once for oneDNN)
+  plain    - the same matmuls as F.linear on row-major weights (how HF runs them), for reference
 Prints tokens/s and the ratios the issue names: step / floor at B=32, ours / hf at B=8.
 
     python bench/engine.py [--batches 1 8 32 64] [--steps 32] [--dtype bfloat16]
@@ -70,22 +72,21 @@ def bench_hf(path, batch: int, steps: int, dtype: torch.dtype) -> float:
     return (t_all - t_prefill) / steps
 
 
-def bench_floor(engine: Engine, batch: int) -> float:
-    """Seconds for one decode step's matmuls alone (weights as loaded by the engine)."""
-    w = engine.model.w
-    cfg = engine.model_config
-    x_h = torch.randn(batch, cfg.hidden_size, dtype=engine.dtype)
-    x_q = torch.randn(batch, cfg.q_size, dtype=engine.dtype)
-    x_i = torch.randn(batch, cfg.intermediate_size, dtype=engine.dtype)
+def bench_floor(engine: Engine, batch: int, plain: bool = False) -> float:
+    """Seconds for one decode step's matmuls alone: the engine's own projections (as it lays their
+    weights out) at `batch` rows, or with `plain`, F.linear on row-major weights as HF calls them."""
+    linears = engine.model.linears()
+    xs = {n: torch.randn(batch, n, dtype=engine.dtype, device=engine.device) for n in {lin.in_features for lin in linears}}
+    if plain:
+        ws = [torch.randn(lin.out_features, lin.in_features, dtype=engine.dtype, device=engine.device) for lin in linears]
 
-    def step():
-        for i in range(cfg.num_layers):
-            p = f"layers.{i}."
-            F.linear(x_h, w[p + "qkv"])
-            F.linear(x_q, w[p + "o"])
-            F.linear(x_h, w[p + "gate_up"])
-            F.linear(x_i, w[p + "down"])
-        F.linear(x_h, w["lm_head"])
+        def step():
+            for lin, w in zip(linears, ws):
+                F.linear(xs[lin.in_features], w)
+    else:
+        def step():
+            for lin in linears:
+                lin(xs[lin.in_features])
 
     with torch.inference_mode():
         return timeit(step, iters=10)
@@ -107,20 +108,21 @@ def main() -> None:
     engine = Engine(cfg)
     print(f"# bench/engine.py  {time.strftime('%Y-%m-%d')}  {machine()}  dtype={args.dtype}  threads={torch.get_num_threads()}")
     print(f"{'batch':>5} {'ours tok/s':>11} {'hf tok/s':>10} {'floor tok/s':>12} {'step ms':>8} {'floor ms':>9} "
-          f"{'step/floor':>10} {'ours/hf':>8}")
+          f"{'plain ms':>9} {'step/floor':>10} {'ours/hf':>8}")
     rows = []
     for b in args.batches:
         ours = bench_ours(engine, b, args.steps)
         floor = bench_floor(engine, b)
+        plain = bench_floor(engine, b, plain=True)
         hf = None if args.skip_hf else bench_hf(path, b, args.steps, dtype)
         row = dict(batch=b, ours_tok_s=b / ours, hf_tok_s=(b / hf) if hf else None, floor_tok_s=b / floor,
-                   step_ms=ours * 1e3, floor_ms=floor * 1e3, step_over_floor=ours / floor,
+                   step_ms=ours * 1e3, floor_ms=floor * 1e3, plain_floor_ms=plain * 1e3, step_over_floor=ours / floor,
                    ours_over_hf=(hf / ours) if hf else None)
         rows.append(row)
         hf_s = f"{row['hf_tok_s']:10.1f}" if hf else f"{'-':>10}"
         ratio = f"{row['ours_over_hf']:8.2f}" if hf else f"{'-':>8}"
         print(f"{b:5d} {row['ours_tok_s']:11.1f} {hf_s} {row['floor_tok_s']:12.1f} {row['step_ms']:8.2f} "
-              f"{row['floor_ms']:9.2f} {row['step_over_floor']:10.2f} {ratio}", flush=True)
+              f"{row['floor_ms']:9.2f} {row['plain_floor_ms']:9.2f} {row['step_over_floor']:10.2f} {ratio}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(machine=machine(), dtype=args.dtype, rows=rows), f, indent=2)

@@ -91,3 +91,24 @@ def test_pickled_checkpoint_is_refused(checkpoints, tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(ValueError, match="pickled"):
         read_tensors(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_linear_matches_plain_linear(dtype):
+    """The CPU path reorders weights for oneDNN once; its products must equal F.linear's."""
+    from loragate.engine.model.linear import Linear, prepack_supported
+
+    if not prepack_supported(torch.device("cpu"), dtype):
+        pytest.skip("oneDNN weight prepacking is not available for this dtype here")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 40, generator=g).to(dtype)
+    b = torch.randn(96, generator=g).to(dtype)
+    lin = Linear(w, b)
+    assert lin.packed and lin.weight is None  # the plain copy is not kept
+    for rows in (1, 7, 33):
+        x = torch.randn(rows, 40, generator=g).to(dtype)
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0, rtol=0)
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, w, b), **tol)
+    x3 = torch.randn(2, 5, 40, generator=g).to(dtype)  # leading dims are kept
+    assert lin(x3).shape == (2, 5, 96)
+    assert Linear(w, prepack=False)(x3).shape == (2, 5, 96)

@@ -2,8 +2,10 @@
 
 Memory is sized once at start-up from an explicit byte budget (or a fraction of free device
 memory) and never grows: a request that does not fit waits or preempts another, it never makes
-the server allocate more. Each layer's keys and values live in one flat [slots, kv_heads, head_dim]
-tensor; slot = block * block_size + offset.
+the server allocate more. Each layer's keys and values live in one head-major
+[kv_heads, slots, head_dim] tensor; slot = block * block_size + offset. Head-major lets one
+index_select gather a batch's pages directly into the [kv_heads * batch, context, head_dim]
+operand of decode attention's batched matmuls (see model/attention.py).
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ class KVCache:
         self.block_size = spec.block_size
         self.allocator = BlockAllocator(num_blocks)
         slots = num_blocks * spec.block_size
-        shape = (slots, spec.num_kv_heads, spec.head_dim)
+        shape = (spec.num_kv_heads, slots, spec.head_dim)
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
             (torch.zeros(shape, dtype=spec.dtype, device=device), torch.zeros(shape, dtype=spec.dtype, device=device))
             for _ in range(spec.num_layers)

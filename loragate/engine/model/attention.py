@@ -33,40 +33,66 @@ class AttentionMetadata:
     decode_kv_index: torch.Tensor | None = None  # [Bd, L] cache slots, padded
     decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, L] True where attendable
     prefills: list[PrefillChunk] = field(default_factory=list)
+    _decode_bias: torch.Tensor | None = field(default=None, repr=False)
+
+    def decode_bias(self, num_kv_heads: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+        """The decode mask as an additive bias [Hk*Bd, group, L] (0 or -inf) in the layout of the
+        score matmul, built by the first layer and reused by the others."""
+        bias = self._decode_bias
+        if bias is None or bias.dtype != dtype or bias.shape[0] != num_kv_heads * self.decode_kv_index.shape[0]:
+            B, L = self.decode_kv_index.shape
+            flat = torch.zeros(B, L, dtype=dtype, device=self.decode_kv_index.device)
+            flat.masked_fill_(~self.decode_mask.reshape(B, L), float("-inf"))
+            bias = flat.view(1, B, 1, L).expand(num_kv_heads, B, group, L).reshape(num_kv_heads * B, group, L)
+            self._decode_bias = bias
+        return bias
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """Store this step's keys and values ([T, Hk, D]) at their slots of the head-major cache."""
+    k_cache.index_copy_(1, slot_mapping, k.transpose(0, 1))
+    v_cache.index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
 def paged_attention(
     q: torch.Tensor,  # [T, Hq, D] (rope applied)
     k: torch.Tensor,  # [T, Hk, D]
     v: torch.Tensor,
-    k_cache: torch.Tensor,  # [slots, Hk, D]
+    k_cache: torch.Tensor,  # [Hk, slots, D]
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
     """Write this step's k/v into the cache, then attend. Returns [T, Hq*D]."""
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
     T, Hq, D = q.shape
+    Hk = k.shape[1]
+    group = Hq // Hk
+    decodes = meta.decode_rows is not None and meta.decode_rows.numel() > 0
+    if decodes and not meta.prefills:  # a pure decode step (the steady state): rows are in order
+        bias = meta.decode_bias(Hk, group, q.dtype)
+        return decode_attention(q, k_cache, v_cache, meta.decode_kv_index, bias, scale).view(T, Hq * D)
     out = torch.empty_like(q)
-    if meta.decode_rows is not None and meta.decode_rows.numel():
+    if decodes:
+        bias = meta.decode_bias(Hk, group, q.dtype)
         out.index_copy_(0, meta.decode_rows, decode_attention(q.index_select(0, meta.decode_rows), k_cache, v_cache,
-                                                              meta.decode_kv_index, meta.decode_mask, scale))
-    group = Hq // k.shape[1]
+                                                              meta.decode_kv_index, bias, scale))
     for chunk in meta.prefills:
         # 4-D inputs with KV heads repeated up to the query heads: with 3-D or GQA inputs the CPU
         # SDPA falls back to its math path (measured ~2.7x slower on a 70-token prefill)
         qp = q[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
         if chunk.fresh:
-            kp, vp = k[chunk.start:chunk.end], v[chunk.start:chunk.end]  # [n, Hk, D]
+            kp = k[chunk.start:chunk.end].transpose(0, 1)  # [Hk, n, D]
+            vp = v[chunk.start:chunk.end].transpose(0, 1)
             mask = None
         else:
-            kp = k_cache.index_select(0, chunk.kv_index)  # [ctx, Hk, D]
-            vp = v_cache.index_select(0, chunk.kv_index)
+            kp = k_cache.index_select(1, chunk.kv_index)  # [Hk, ctx, D]
+            vp = v_cache.index_select(1, chunk.kv_index)
             n, ctx = chunk.end - chunk.start, chunk.kv_index.numel()
             mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - n)
-        kp = kp.transpose(0, 1).unsqueeze(0)
-        vp = vp.transpose(0, 1).unsqueeze(0)
+        kp = kp.unsqueeze(0)
+        vp = vp.unsqueeze(0)
         if group > 1:
             kp = kp.repeat_interleave(group, dim=1)
             vp = vp.repeat_interleave(group, dim=1)
@@ -76,22 +102,23 @@ def paged_attention(
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_index: torch.Tensor,
-                     mask: torch.Tensor, scale: float) -> torch.Tensor:
+                     bias: torch.Tensor, scale: float) -> torch.Tensor:
     """One query per sequence against its gathered context: [B, Hq, D] -> [B, Hq, D].
 
     Written out as two batched matmuls rather than SDPA: for a single query row the fused kernels
-    cost more in set-up than the work itself (measured ~3x slower on the CPU at batch 64). Pages
-    are gathered with index_select (several times cheaper than advanced indexing) from the
-    slot-major cache, then laid out per head so both matmuls read contiguous memory; query heads
-    sharing a KV head (GQA) ride along as rows of the same matmul.
+    cost more in set-up than the work itself (measured ~3x slower on the CPU at batch 64). The
+    cache is head-major ([Hk, slots, D]), so one index_select per tensor gathers every sequence's
+    pages straight into the [Hk*B, L, D] operand of the batched matmuls: no transposing copy of the
+    context. Query heads sharing a KV head (GQA) ride along as rows of the same matmul, and the
+    scale and padding mask are folded into the first matmul (`baddbmm` with the step's bias).
     """
     B, Hq, D = q.shape
     L = kv_index.shape[1]
-    Hk = k_cache.shape[1]
+    Hk = k_cache.shape[0]
+    g = Hq // Hk
     flat = kv_index.reshape(-1)
-    k = k_cache.index_select(0, flat).view(B, L, Hk, D).permute(0, 2, 3, 1).contiguous()  # [B, Hk, D, L]
-    v = v_cache.index_select(0, flat).view(B, L, Hk, D).transpose(1, 2).contiguous()  # [B, Hk, L, D]
-    scores = torch.matmul(q.view(B, Hk, Hq // Hk, D), k).float().mul_(scale)  # [B, Hk, g, L]
-    scores.masked_fill_(~mask.view(B, 1, 1, L), float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).reshape(B, Hq, D)
+    k = k_cache.index_select(1, flat).view(Hk * B, L, D)
+    v = v_cache.index_select(1, flat).view(Hk * B, L, D)
+    qh = q.view(B, Hk, g, D).transpose(0, 1).reshape(Hk * B, g, D)
+    probs = torch.softmax(torch.baddbmm(bias, qh, k.transpose(1, 2), alpha=scale), dim=-1)
+    return torch.bmm(probs, v).view(Hk, B, g, D).transpose(0, 1).reshape(B, Hq, D)

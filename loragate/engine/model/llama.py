@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from loragate.engine.model.attention import AttentionMetadata, paged_attention
 from loragate.engine.model.config import ModelConfig
+from loragate.engine.model.linear import Linear
 from loragate.engine.model.lora import LoraWeights, group_specs
 from loragate.engine.model.rope import RotaryEmbedding
 from loragate.kernels import add_lora
@@ -31,6 +32,21 @@ class ForwardBatch:
     lora: LoraBatchLayout | None = None
 
 
+@dataclass
+class LayerWeights:
+    """One decoder layer: the four (fused) projections and the two norms."""
+
+    qkv: Linear
+    o: Linear
+    gate_up: Linear
+    down: Linear
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+
+    def linears(self) -> dict[str, Linear]:
+        return {"qkv": self.qkv, "o": self.o, "gate_up": self.gate_up, "down": self.down}
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm normalised in fp32 and cast back before the weight, as transformers' LlamaRMSNorm
     does (torch's fused rms_norm does the fp32 part in one op)."""
@@ -43,7 +59,9 @@ class LlamaModel:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
                  dtype: torch.dtype, max_positions: int) -> None:
         self.cfg = cfg
-        self.w = weights
+        self.embed = weights["embed"]
+        self.norm = weights["norm"]
+        self.lm_head = Linear(weights["lm_head"])
         self.device = device
         self.dtype = dtype
         self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device, dtype)
@@ -51,11 +69,23 @@ class LlamaModel:
         self.lora: LoraWeights | None = None
         self._groups: frozenset[str] = frozenset()
         self.lora_specs = group_specs(cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size)
-        self._layers = [self._layer_weights(i) for i in range(cfg.num_layers)]
+        self.layers = [self._layer_weights(weights, i) for i in range(cfg.num_layers)]
 
-    def _layer_weights(self, i: int) -> dict[str, torch.Tensor | None]:
+    @staticmethod
+    def _layer_weights(w: dict[str, torch.Tensor], i: int) -> LayerWeights:
         p = f"layers.{i}."
-        return {k: self.w.get(p + k) for k in ("qkv", "qkv_bias", "o", "gate_up", "down", "input_norm", "post_norm")}
+        return LayerWeights(
+            qkv=Linear(w[p + "qkv"], w.get(p + "qkv_bias")),
+            o=Linear(w[p + "o"]),
+            gate_up=Linear(w[p + "gate_up"]),
+            down=Linear(w[p + "down"]),
+            input_norm=w[p + "input_norm"],
+            post_norm=w[p + "post_norm"],
+        )
+
+    def linears(self) -> list[Linear]:
+        """Every matmul of a step, in order: what bench/engine.py times as the compute floor."""
+        return [lin for layer in self.layers for lin in layer.linears().values()] + [self.lm_head]
 
     def attach_lora(self, lora: LoraWeights) -> None:
         self.lora = lora
@@ -66,9 +96,9 @@ class LlamaModel:
             return frozenset()
         return frozenset().union(*(self.lora.slot_groups[s.slot] for s in layout.segments))
 
-    def _proj(self, x: torch.Tensor, weight: torch.Tensor, layer: int, group: str,
-              layout: LoraBatchLayout | None, bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = F.linear(x, weight, bias)
+    def _proj(self, x: torch.Tensor, linear: Linear, layer: int, group: str,
+              layout: LoraBatchLayout | None) -> torch.Tensor:
+        y = linear(x)
         if layout is not None and group in self._groups:
             spec = self.lora_specs[group]
             add_lora(y, x, self.lora.A[layer][group], self.lora.B[layer][group], spec.slice_offsets, layout)
@@ -82,11 +112,11 @@ class LlamaModel:
         T = batch.input_ids.shape[0]
         layout = batch.lora
         self._groups = self._active_groups(layout)
-        h = F.embedding(batch.input_ids, self.w["embed"])
+        h = F.embedding(batch.input_ids, self.embed)
         cos_sin = self.rope.lookup(batch.positions)
-        for i, lw in enumerate(self._layers):
-            x = rms_norm(h, lw["input_norm"], cfg.rms_norm_eps)
-            qkv = self._proj(x, lw["qkv"], i, "qkv", layout, lw["qkv_bias"])
+        for i, lw in enumerate(self.layers):
+            x = rms_norm(h, lw.input_norm, cfg.rms_norm_eps)
+            qkv = self._proj(x, lw.qkv, i, "qkv", layout)
             q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             q = q.view(T, cfg.num_heads, cfg.head_dim)
             k = k.view(T, cfg.num_kv_heads, cfg.head_dim)
@@ -94,11 +124,11 @@ class LlamaModel:
             q, k = self.rope.apply(q, k, cos_sin)
             k_cache, v_cache = kv_caches[i]
             attn = paged_attention(q, k, v, k_cache, v_cache, batch.attn, self.scale)
-            h = h + self._proj(attn, lw["o"], i, "o", layout)
-            x = rms_norm(h, lw["post_norm"], cfg.rms_norm_eps)
-            gu = self._proj(x, lw["gate_up"], i, "gate_up", layout)
+            h = h + self._proj(attn, lw.o, i, "o", layout)
+            x = rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
+            gu = self._proj(x, lw.gate_up, i, "gate_up", layout)
             gate, up = gu.chunk(2, dim=-1)
-            h = h + self._proj(F.silu(gate) * up, lw["down"], i, "down", layout)
+            h = h + self._proj(F.silu(gate) * up, lw.down, i, "down", layout)
         last = h.index_select(0, batch.logits_rows)
-        last = rms_norm(last, self.w["norm"], cfg.rms_norm_eps)
-        return F.linear(last, self.w["lm_head"])
+        last = rms_norm(last, self.norm, cfg.rms_norm_eps)
+        return self.lm_head(last)
