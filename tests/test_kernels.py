@@ -385,6 +385,27 @@ def test_ref_many_decode_segments_take_the_gathered_path():
         torch.testing.assert_close(y.double(), oracle_add(y0, x, A, B, group.offsets, layout), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("token_slots", [
+    MIXED_SLOTS,  # per-segment path for the long segment, gathered path (rows not contiguous)
+    [0, 1, 2, 3, 0, 2, 1],  # decode-only: the gathered single-token path on a contiguous span
+    [0, 0, 1, 1, 1, 2, -1, 3, 3],  # short multi-token segments: gathered with padding
+])
+def test_ref_skips_slices_no_adapter_targets(token_slots):
+    """`slices` names the only slices to compute: the result equals the oracle on weights whose
+    other slices are zero, even though the buffers hold random values there."""
+    group = GROUPS["qkv"]
+    layout = layout_for(token_slots)
+    A, B = make_weights(group, torch.float32, 5)
+    x, y0 = make_acts(len(token_slots), group, torch.float32, 6)
+    A0, B0 = A.clone(), B.clone()
+    A0[:, 1] = 0  # slice 1 (k) untargeted
+    B0[:, group.offsets[1]:group.offsets[2]] = 0
+    y = y0.clone()
+    add_lora_ref(y, x, A, B, group.offsets, layout, slices=(0, 2))
+    torch.testing.assert_close(y.double(), oracle_add(y0, x, A0, B0, group.offsets, layout), atol=1e-4, rtol=1e-4)
+    assert torch.equal(y[:, group.offsets[1]:group.offsets[2]], y0[:, group.offsets[1]:group.offsets[2]])
+
+
 def test_rewriting_a_slot_leaves_no_trace_of_its_previous_adapter():
     """Slots are zeroed only where the previous adapter wrote; the next adapter must see zeros
     everywhere it does not write itself (other groups, other slices, ranks above its own)."""
@@ -407,4 +428,4 @@ def test_rewriting_a_slot_leaves_no_trace_of_its_previous_adapter():
                 A[2, :2] = 0
                 B[24:32, :2] = 0
             assert not A.any() and not B.any(), (layer, grp)
-    assert w.slot_groups[1] == frozenset({"qkv"}) and w.slot_ranks[1] == 2
+    assert w.slot_slices[1] == frozenset({("qkv", 2)}) and w.slot_ranks[1] == 2

@@ -74,11 +74,16 @@ def add_lora(
     B: torch.Tensor,
     slice_offsets: Sequence[int],
     layout: LoraBatchLayout,
+    slices: Sequence[int] | None = None,
 ) -> None:
-    """y += LoRA delta of every segment (what each LoRA-targeted projection group calls)."""
+    """y += LoRA delta of every segment (what each LoRA-targeted projection group calls).
+
+    `slices`, when given, lists the only slices of the group that any adapter of the step targets
+    (q and v of q|k|v for PEFT's default targets). The torch path skips the others; the Triton
+    kernels compute them, which is harmless since untargeted slices of a slot are zero."""
     if layout.empty:
         return
     if select_backend(y) == "triton":
         _triton_module().add_lora_triton(y, x, A, B, slice_offsets, layout)
     else:
-        add_lora_ref(y, x, A, B, slice_offsets, layout)
+        add_lora_ref(y, x, A, B, slice_offsets, layout, slices)

@@ -107,20 +107,22 @@ def add_lora_ref(
     B: torch.Tensor,
     slice_offsets: Sequence[int],
     layout: LoraBatchLayout,
+    slices: Sequence[int] | None = None,
 ) -> None:
     """Fused shrink+expand, the CPU serving path: never materialises the `[T, S, R]` tensor.
 
     Per segment one matmul gives `[len, S*r]` for all slices, then one `addmm_` per slice adds its
     share into the view of y. Matmuls run in the activations' dtype (backends accumulate in fp32
-    internally); for bf16/fp16 the rank-r intermediate is rounded to that dtype, as in PEFT."""
+    internally); for bf16/fp16 the rank-r intermediate is rounded to that dtype, as in PEFT.
+    Slices not in `slices` (default: all) are skipped: no adapter of the step targets them."""
     if layout.empty:
         return
     check_shapes(x, y, A, B, slice_offsets, layout)
     S, in_dim = A.shape[1], A.shape[3]
-    n_slices = len(slice_offsets) - 1
+    active = tuple(range(S)) if slices is None else tuple(slices)
     plan = _gather_plan(layout, x.device)
     if plan is not None:
-        _add_lora_gathered(y, x, A, B, slice_offsets, plan)
+        _add_lora_gathered(y, x, A, B, slice_offsets, plan, active)
     for seg in layout.segments:
         if plan is not None and seg.length <= GATHER_MAX_LEN:
             continue
@@ -130,7 +132,7 @@ def add_lora_ref(
         a = A[slot, :, :r, :].reshape(S * r, in_dim)
         t = torch.mm(x[s:e], a.t())  # [len, S*r]
         y_seg = y[s:e]
-        for i in range(n_slices):
+        for i in active:
             o0, o1 = slice_offsets[i], slice_offsets[i + 1]
             if o1 > o0:
                 y_seg[:, o0:o1].addmm_(t[:, i * r : (i + 1) * r], B[slot, o0:o1, :r].t(), alpha=seg.scale)
@@ -176,28 +178,55 @@ def _gather_plan(layout: LoraBatchLayout, device: torch.device) -> dict | None:
             "rows": torch.tensor(rows, dtype=torch.long).to(device),
             # decode tokens sorted by slot usually form one block: add into a slice, not index_add
             "span": (rows[0], rows[0] + len(rows)) if contiguous else None,
+            "a_index": {},  # (num_slices, active slices) -> rows of A viewed as [slots * S, R, in]
         }
     layout.memo["gather"] = plan
     return plan
 
 
+def _a_index(plan: dict, S: int, active: tuple[int, ...]) -> torch.Tensor:
+    key = (S, active)
+    idx = plan["a_index"].get(key)
+    if idx is None:
+        slots = plan["slots"]
+        idx = (slots.unsqueeze(1) * S + torch.tensor(active, dtype=torch.long, device=slots.device)).view(-1)
+        plan["a_index"][key] = idx
+    return idx
+
+
 def _add_lora_gathered(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                       slice_offsets: Sequence[int], plan: dict) -> None:
+                       slice_offsets: Sequence[int], plan: dict, active: tuple[int, ...]) -> None:
     G, Lm, rmax = plan["G"], plan["Lm"], plan["rmax"]
-    S, in_dim = A.shape[1], A.shape[3]
-    xs = x.index_select(0, plan["pad_rows"]).view(G, Lm, in_dim)
-    a = A.narrow(2, 0, rmax).index_select(0, plan["slots"]).view(G, S * rmax, in_dim)
-    t = torch.bmm(xs, a.transpose(1, 2)).view(G, Lm, S, rmax)
+    n_slots, S, R, in_dim = A.shape
+    Sa = len(active)
+    span = plan["span"]
+    if Lm == 1 and span is not None:  # one decode token per adapter, rows in order: a plain view
+        xs = x[span[0]:span[1]].view(G, 1, in_dim)
+    else:
+        xs = x.index_select(0, plan["pad_rows"]).view(G, Lm, in_dim)
+    # one gather of the active slices' first rmax rank rows of every segment's A: [G, Sa*rmax, in]
+    a = A.view(n_slots * S, R, in_dim).narrow(1, 0, rmax).index_select(0, _a_index(plan, S, active))
+    t = torch.bmm(xs, a.view(G, Sa * rmax, in_dim).transpose(1, 2)).view(G, Lm, Sa, rmax)
     t = t * plan["scale_mask"].to(t.dtype).view(G, 1, 1, rmax)
     b = B.narrow(2, 0, rmax).index_select(0, plan["slots"])  # [G, N, rmax]
-    deltas = []
-    for i in range(S):
+    if Lm == 1 and span is not None:
+        # B_s @ t_s^T reads each slice's rows of b in place (b_s @ ... with b_s a row range needs
+        # no copy, where t_s @ b_s^T made the CPU bmm copy the transposed operand) and gives
+        # [G, Ns, 1] = the rows to add, already laid out as y's
+        ys = y[span[0]:span[1]]
+        for j, i in enumerate(active):
+            o0, o1 = slice_offsets[i], slice_offsets[i + 1]
+            if o1 > o0:
+                ys[:, o0:o1].add_(torch.bmm(b[:, o0:o1, :], t[:, 0, j, :].unsqueeze(2)).view(G, o1 - o0).to(y.dtype))
+        return
+    for j, i in enumerate(active):
         o0, o1 = slice_offsets[i], slice_offsets[i + 1]
-        deltas.append(torch.bmm(t[:, :, i, :], b[:, o0:o1, :].transpose(1, 2)))  # [G, Lm, Ns]
-    delta = (deltas[0] if S == 1 else torch.cat(deltas, dim=2)).view(G * Lm, -1)
-    if Lm > 1 or plan["valid"].numel() != G * Lm:
-        delta = delta.index_select(0, plan["valid"])
-    if plan["span"] is not None:
-        y[plan["span"][0]:plan["span"][1]].add_(delta.to(y.dtype))
-    else:
-        y.index_add_(0, plan["rows"], delta.to(y.dtype))
+        if o1 == o0:
+            continue
+        delta = torch.bmm(t[:, :, j, :], b[:, o0:o1, :].transpose(1, 2)).view(G * Lm, o1 - o0)
+        if Lm > 1 or plan["valid"].numel() != G * Lm:
+            delta = delta.index_select(0, plan["valid"])
+        if span is not None:
+            y[span[0]:span[1], o0:o1].add_(delta.to(y.dtype))
+        else:
+            y[:, o0:o1].index_add_(0, plan["rows"], delta.to(y.dtype))

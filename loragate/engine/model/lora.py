@@ -87,8 +87,9 @@ class LoraWeights:
             })
         self.slot_ranks: list[int] = [0] * max_loras
         self.slot_scales: list[float] = [0.0] * max_loras
-        # groups each slot's adapter targets: a step skips a group no adapter in it targets
-        self.slot_groups: list[frozenset[str]] = [frozenset()] * max_loras
+        # (group, slice index) pairs each slot's adapter targets: a step skips the groups no
+        # adapter in it targets, and the CPU path also the slices (k of q|k|v for q/v adapters)
+        self.slot_slices: list[frozenset[tuple[str, int]]] = [frozenset()] * max_loras
         # what each slot's buffers hold beyond zeros (groups, rank): invariant is that everything
         # outside it is zero, so replacing an adapter zeroes only its predecessor's rows instead of
         # the whole slot (~40 MB per slot on a 135M model at max rank 64)
@@ -127,11 +128,11 @@ class LoraWeights:
             torch.cuda.current_stream(self.device).synchronize()
         groups = frozenset(MODULE_TO_GROUP[m][0] for (_, m) in weights)
         self._footprint[slot] = (groups, max((a.shape[0] for a, _ in weights.values()), default=0))
-        self.slot_groups[slot] = groups
+        self.slot_slices[slot] = frozenset(MODULE_TO_GROUP[m] for (_, m) in weights)
         self.slot_scales[slot] = float(scale)
         self.slot_ranks[slot] = int(rank)
 
     def clear_slot(self, slot: int) -> None:
         self.slot_ranks[slot] = 0
-        self.slot_groups[slot] = frozenset()
+        self.slot_slices[slot] = frozenset()
         self.slot_scales[slot] = 0.0

@@ -35,30 +35,27 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.
 
 
 class RotaryEmbedding:
-    """Precomputed cos/sin for positions [0, max_positions)."""
+    """Precomputed cos/sin for positions [0, max_positions).
+
+    HF rotates with `x * cos + rotate_half(x) * sin`, rotate_half(x) = cat(-x2, x1). We keep sin
+    with its first half negated, so rotate_half(x) * sin = roll(x, half) * signed_sin: the rotation
+    of queries and keys together is three ops per layer (roll, mul, addcmul) instead of twelve.
+    """
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None,
                  device: torch.device, dtype: torch.dtype) -> None:
         inv = inv_frequencies(head_dim, theta, scaling).to(torch.float32)
         pos = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(pos, inv)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos = emb.cos().to(device=device, dtype=dtype)
-        self.sin = emb.sin().to(device=device, dtype=dtype)
+        self.cos = torch.cat([freqs.cos(), freqs.cos()], dim=-1).to(device=device, dtype=dtype)
+        self.signed_sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1).to(device=device, dtype=dtype)
+        self.half = head_dim // 2
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, D] for the tokens' positions: done once per step, shared by all layers."""
-        return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1)
+        """cos, signed sin [T, 1, D] for the tokens' positions: once per step, shared by all layers."""
+        return self.cos.index_select(0, positions).unsqueeze(1), self.signed_sin.index_select(0, positions).unsqueeze(1)
 
-    @staticmethod
-    def apply(q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hk, D] -> rotated q, k (HF's rotate_half form)."""
-        cos, sin = cos_sin
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos + rotated * sin
+    def apply(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [T, H, D] (queries and keys side by side) -> rotated copy, HF's rotate_half form."""
+        cos, signed_sin = cos_sin
+        return torch.addcmul(x * cos, x.roll(self.half, dims=-1), signed_sin)
