@@ -7,14 +7,17 @@ One run, one machine, random SmolLM-135M-shaped checkpoint (hidden 576, 30 layer
   floor    - the same model's matmuls alone (qkv, o, gate_up, down per layer + lm_head) at batch B,
              run the way the engine runs them (on the CPU: weights reordered once for oneDNN)
   plain    - the same matmuls as F.linear on row-major weights (how HF runs them), for reference
-Prints tokens/s and the ratios the issue names: step / floor at B=32, ours / hf at B=8.
+Each is measured --rounds times, interleaved, and the medians are reported (the per-round ratios
+are printed too). Prints tokens/s and the ratios the issue names: step / floor at B=32, ours / hf
+at B=8.
 
-    python bench/engine.py [--batches 1 8 32 64] [--steps 32] [--dtype bfloat16]
+    python bench/engine.py [--batches 1 8 32 64] [--steps 24] [--rounds 3] [--dtype bfloat16]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 import uuid
 
@@ -55,10 +58,14 @@ def bench_ours(engine: Engine, batch: int, steps: int) -> float:
     return dt
 
 
-def bench_hf(path, batch: int, steps: int, dtype: torch.dtype) -> float:
+def load_hf(path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+
+
+def bench_hf(model, batch: int, steps: int) -> float:
+    """Seconds per decode step of transformers' generate (greedy), its prefill subtracted."""
     x = torch.tensor(prompts(batch, model.config.vocab_size))
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.inference_mode():
@@ -96,6 +103,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="measure ours / floor / plain / HF this many times, interleaved, and report medians "
+                         "(a shared VM's speed drifts by tens of percent within minutes)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--skip-hf", action="store_true")
@@ -106,23 +116,34 @@ def main() -> None:
     cfg = EngineConfig(model=str(path), dtype=args.dtype, device=args.device, max_num_seqs=max(args.batches),
                        max_num_batched_tokens=4096, kv_cache_memory=1 << 30, enable_lora=False)
     engine = Engine(cfg)
-    print(f"# bench/engine.py  {time.strftime('%Y-%m-%d')}  {machine()}  dtype={args.dtype}  threads={torch.get_num_threads()}")
+    hf_model = None if args.skip_hf else load_hf(path, dtype)
+    print(f"# bench/engine.py  {time.strftime('%Y-%m-%d')}  {machine()}  dtype={args.dtype}  "
+          f"threads={torch.get_num_threads()}  medians of {args.rounds} interleaved rounds")
     print(f"{'batch':>5} {'ours tok/s':>11} {'hf tok/s':>10} {'floor tok/s':>12} {'step ms':>8} {'floor ms':>9} "
-          f"{'plain ms':>9} {'step/floor':>10} {'ours/hf':>8}")
+          f"{'plain ms':>9} {'step/floor':>10} {'ours/hf':>8}  per-round step/floor, ours/hf")
     rows = []
     for b in args.batches:
-        ours = bench_ours(engine, b, args.steps)
-        floor = bench_floor(engine, b)
-        plain = bench_floor(engine, b, plain=True)
-        hf = None if args.skip_hf else bench_hf(path, b, args.steps, dtype)
+        runs: dict[str, list[float]] = {"ours": [], "floor": [], "plain": [], "hf": []}
+        for _ in range(args.rounds):
+            runs["ours"].append(bench_ours(engine, b, args.steps))
+            runs["floor"].append(bench_floor(engine, b))
+            runs["plain"].append(bench_floor(engine, b, plain=True))
+            if hf_model is not None:
+                runs["hf"].append(bench_hf(hf_model, b, args.steps))
+        med = {k: statistics.median(v) if v else None for k, v in runs.items()}
+        ours, floor, plain, hf = med["ours"], med["floor"], med["plain"], med["hf"]
         row = dict(batch=b, ours_tok_s=b / ours, hf_tok_s=(b / hf) if hf else None, floor_tok_s=b / floor,
                    step_ms=ours * 1e3, floor_ms=floor * 1e3, plain_floor_ms=plain * 1e3, step_over_floor=ours / floor,
-                   ours_over_hf=(hf / ours) if hf else None)
+                   ours_over_hf=(hf / ours) if hf else None, rounds={k: [x * 1e3 for x in v] for k, v in runs.items()})
         rows.append(row)
         hf_s = f"{row['hf_tok_s']:10.1f}" if hf else f"{'-':>10}"
         ratio = f"{row['ours_over_hf']:8.2f}" if hf else f"{'-':>8}"
+        per_round = " ".join(f"{o / f:.2f}" for o, f in zip(runs["ours"], runs["floor"]))
+        if runs["hf"]:
+            per_round += ", " + " ".join(f"{h / o:.2f}" for o, h in zip(runs["ours"], runs["hf"]))
         print(f"{b:5d} {row['ours_tok_s']:11.1f} {hf_s} {row['floor_tok_s']:12.1f} {row['step_ms']:8.2f} "
-              f"{row['floor_ms']:9.2f} {row['plain_floor_ms']:9.2f} {row['step_over_floor']:10.2f} {ratio}", flush=True)
+              f"{row['floor_ms']:9.2f} {row['plain_floor_ms']:9.2f} {row['step_over_floor']:10.2f} {ratio}  {per_round}",
+              flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(machine=machine(), dtype=args.dtype, rows=rows), f, indent=2)

@@ -112,3 +112,19 @@ def test_prepacked_linear_matches_plain_linear(dtype):
     x3 = torch.randn(2, 5, 40, generator=g).to(dtype)  # leading dims are kept
     assert lin(x3).shape == (2, 5, 96)
     assert Linear(w, prepack=False)(x3).shape == (2, 5, 96)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_rms_norm_equals_torch_rms_norm(dtype):
+    """The CPU path computes RMSNorm through LayerNorm of [x, -x]: it must equal rms_norm (bit for
+    bit in bf16, to fp32 rounding in fp32), also for rows of very different scales and 3-D inputs."""
+    from loragate.engine.model.norm import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    w = (torch.rand(48, generator=g) + 0.5).to(dtype)
+    x = torch.randn(2, 7, 48, generator=g) * torch.logspace(-3, 3, 7).view(1, 7, 1)
+    x = x.to(dtype)
+    ours = RMSNorm(w, 1e-6)(x)
+    assert ours.shape == x.shape and ours.dtype == dtype
+    tol = dict(atol=0, rtol=0) if dtype == torch.bfloat16 else dict(atol=1e-6, rtol=2e-5)
+    torch.testing.assert_close(ours, torch.nn.functional.rms_norm(x, (48,), w, 1e-6), **tol)

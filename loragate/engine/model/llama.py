@@ -16,6 +16,7 @@ from loragate.engine.model.attention import AttentionMetadata, paged_attention
 from loragate.engine.model.config import ModelConfig
 from loragate.engine.model.linear import Linear
 from loragate.engine.model.lora import LoraWeights, group_specs
+from loragate.engine.model.norm import RMSNorm
 from loragate.engine.model.rope import RotaryEmbedding
 from loragate.kernels import add_lora
 from loragate.kernels.layout import LoraBatchLayout
@@ -40,19 +41,11 @@ class LayerWeights:
     o: Linear
     gate_up: Linear
     down: Linear
-    input_norm: torch.Tensor
-    post_norm: torch.Tensor
+    input_norm: RMSNorm
+    post_norm: RMSNorm
 
     def linears(self) -> dict[str, Linear]:
         return {"qkv": self.qkv, "o": self.o, "gate_up": self.gate_up, "down": self.down}
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm in one call: torch's rms_norm does the mean of squares in fp32 whatever the input
-    dtype, like transformers' LlamaRMSNorm; it applies the weight before the final rounding where
-    LlamaRMSNorm rounds first (bit-equal in fp32, within one bf16 ulp otherwise). One call instead
-    of four matters here: a decode step runs 61 of them and on the CPU each call has a fixed cost."""
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 class LlamaModel:
@@ -62,7 +55,7 @@ class LlamaModel:
                  dtype: torch.dtype, max_positions: int) -> None:
         self.cfg = cfg
         self.embed = weights["embed"]
-        self.norm = weights["norm"]
+        self.norm = RMSNorm(weights["norm"], cfg.rms_norm_eps)
         self.lm_head = Linear(weights["lm_head"])
         self.device = device
         self.dtype = dtype
@@ -71,18 +64,18 @@ class LlamaModel:
         self.lora: LoraWeights | None = None
         self._slices: dict[str, tuple[int, ...]] = {}
         self.lora_specs = group_specs(cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size)
-        self.layers = [self._layer_weights(weights, i) for i in range(cfg.num_layers)]
+        self.layers = [self._layer_weights(weights, i, cfg.rms_norm_eps) for i in range(cfg.num_layers)]
 
     @staticmethod
-    def _layer_weights(w: dict[str, torch.Tensor], i: int) -> LayerWeights:
+    def _layer_weights(w: dict[str, torch.Tensor], i: int, eps: float) -> LayerWeights:
         p = f"layers.{i}."
         return LayerWeights(
             qkv=Linear(w[p + "qkv"], w.get(p + "qkv_bias")),
             o=Linear(w[p + "o"]),
             gate_up=Linear(w[p + "gate_up"]),
             down=Linear(w[p + "down"]),
-            input_norm=w[p + "input_norm"],
-            post_norm=w[p + "post_norm"],
+            input_norm=RMSNorm(w[p + "input_norm"], eps),
+            post_norm=RMSNorm(w[p + "post_norm"], eps),
         )
 
     def linears(self) -> list[Linear]:
@@ -123,7 +116,7 @@ class LlamaModel:
         h = F.embedding(batch.input_ids, self.embed)
         cos_sin = self.rope.lookup(batch.positions)
         for i, lw in enumerate(self.layers):
-            x = rms_norm(h, lw.input_norm, cfg.rms_norm_eps)
+            x = lw.input_norm(h)
             qkv = self._proj(x, lw.qkv, i, "qkv", layout)
             qk = self.rope.apply(qkv[:, : cfg.q_size + cfg.kv_size].view(T, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim),
                                  cos_sin)
@@ -132,10 +125,10 @@ class LlamaModel:
             k_cache, v_cache = kv_caches[i]
             attn = paged_attention(q, k, v, k_cache, v_cache, batch.attn, self.scale)
             h = h + self._proj(attn, lw.o, i, "o", layout)
-            x = rms_norm(h, lw.post_norm, cfg.rms_norm_eps)
+            x = lw.post_norm(h)
             gu = self._proj(x, lw.gate_up, i, "gate_up", layout)
             gate, up = gu.chunk(2, dim=-1)
             h = h + self._proj(F.silu(gate) * up, lw.down, i, "down", layout)
         last = h.index_select(0, batch.logits_rows)
-        last = rms_norm(last, self.norm, cfg.rms_norm_eps)
+        last = self.norm(last)
         return self.lm_head(last)

@@ -1,0 +1,30 @@
+"""RMSNorm, with the CPU computing it through torch's fused LayerNorm kernel.
+
+torch's `rms_norm` is a composite on the CPU: about ten small kernels per call (upcast, square,
+mean, add, rsqrt, multiply, downcast, weight), and a decode step of a 30-layer model makes 61
+calls, where per-call overhead is what a CPU decode step is made of. The row [x, -x] has mean
+exactly 0 and variance mean(x^2), so LayerNorm over it is x / sqrt(mean(x^2) + eps) in its first
+half: one copy plus one fused, vectorised kernel that also applies the weight (the second half is
+multiplied by zeros and never read). The result equals torch's rms_norm bit for bit in bf16 and
+to fp32 rounding in fp32 (tested). CUDA has a fused rms_norm kernel and uses it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class RMSNorm:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, statistics in fp32 whatever the input
+    dtype (as transformers' LlamaRMSNorm computes them)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        self.weight = weight
+        self.eps = eps
+        self.dim = weight.shape[0]
+        self._padded = torch.cat([weight, torch.zeros_like(weight)]) if weight.device.type == "cpu" else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._padded is None:
+            return F.rms_norm(x, (self.dim,), self.weight, self.eps)
+        return F.layer_norm(torch.cat([x, -x], dim=-1), (2 * self.dim,), self._padded, None, self.eps)[..., : self.dim]
