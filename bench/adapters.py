@@ -7,8 +7,9 @@ adapters (rank 8 on q_proj/v_proj — PEFT's default targets for Llama — unles
   (b) throughput of 32 concurrent streams (96 requests, 64 new tokens each) spread over 1, 10 and
       100 adapters, and the same load on the base model.
   (c) the same (b) workloads on HF PEFT (mixed-adapter batches via generate(adapter_names=...)).
+(b) runs base and every spread --rounds times, interleaved, and reports medians; PEFT runs once.
 
-    python bench/adapters.py [--counts 1 100 1000] [--spreads 1 10 100] [--skip-peft]
+    python bench/adapters.py [--counts 1 100 1000] [--spreads 1 10 100] [--rounds 3] [--skip-peft]
 """
 from __future__ import annotations
 
@@ -137,6 +138,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-latency", action="store_true", help="run only (b) and (c)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="(b): run base and every spread this many times, interleaved, and report medians "
+                         "(a shared VM's speed drifts by tens of percent within minutes)")
     args = ap.parse_args()
     base = smollm_checkpoint(args.dtype)
     n_all = max(max(args.counts), max(args.spreads))
@@ -156,21 +160,28 @@ def main() -> None:
         print(f"{n:8d} {cold * 1e3:8.1f} {warm * 1e3:8.1f} {warm / first_warm:17.2f}", flush=True)
         engine.shutdown()
 
-    print(f"\n(b) throughput, {STREAMS} concurrent streams, {REQUESTS} requests x {NEW_TPUT} new tokens")
-    print(f"{'spread':>8} {'ours tok/s':>11} {'vs base':>8} {'peft tok/s':>11} {'ours/peft':>10}")
+    print(f"\n(b) throughput, {STREAMS} concurrent streams, {REQUESTS} requests x {NEW_TPUT} new tokens "
+          f"(ours: median of {args.rounds} interleaved rounds; PEFT: one run)")
+    print(f"{'spread':>8} {'ours tok/s':>11} {'vs base':>8} {'peft tok/s':>11} {'ours/peft':>10}  per-round vs base")
     engine = make_engine(base, adapters[: max(args.spreads)], max_loras=STREAMS, dtype=args.dtype, device=args.device)
-    base_tput = throughput(engine, [None])
+    workloads: list[tuple[str, list[str | None]]] = [("base", [None])]
+    workloads += [(str(k), [p.name for p in adapters[:k]]) for k in args.spreads]
+    runs: dict[str, list[float]] = {name: [] for name, _ in workloads}
+    for _ in range(args.rounds):
+        for name, names in workloads:
+            runs[name].append(throughput(engine, names))
+    engine.shutdown()
+    base_tput = statistics.median(runs["base"])
     peft_base = None if args.skip_peft else peft_throughput(base, adapters, 0, getattr(torch, args.dtype))
-    pb = f"{peft_base:11.1f}" if peft_base else f"{'-':>11}"
-    pr = f"{base_tput / peft_base:10.2f}" if peft_base else f"{'-':>10}"
-    print(f"{'base':>8} {base_tput:11.1f} {1.0:8.2f} {pb} {pr}", flush=True)
-    for k in args.spreads:
-        tput = throughput(engine, [p.name for p in adapters[:k]])
-        peft = None if args.skip_peft else peft_throughput(base, adapters, k, getattr(torch, args.dtype))
+    for name, _ in workloads:
+        tput = statistics.median(runs[name])
+        spread = 0 if name == "base" else int(name)
+        peft = peft_base if spread == 0 else (None if args.skip_peft else
+                                              peft_throughput(base, adapters, spread, getattr(torch, args.dtype)))
         pb = f"{peft:11.1f}" if peft else f"{'-':>11}"
         pr = f"{tput / peft:10.2f}" if peft else f"{'-':>10}"
-        print(f"{k:8d} {tput:11.1f} {tput / base_tput:8.2f} {pb} {pr}", flush=True)
-    engine.shutdown()
+        per_round = " ".join(f"{x / b:.2f}" for x, b in zip(runs[name], runs["base"]))
+        print(f"{name:>8} {tput:11.1f} {tput / base_tput:8.2f} {pb} {pr}  {per_round}", flush=True)
 
 
 if __name__ == "__main__":
