@@ -16,6 +16,7 @@ at B=8.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -79,13 +80,21 @@ def bench_hf(model, batch: int, steps: int) -> float:
     return (t_all - t_prefill) / steps
 
 
+@functools.lru_cache(maxsize=1)
+def row_major_weights(engine: Engine) -> list[torch.Tensor]:
+    """Random row-major weights of the engine's projection shapes (the packed ones cannot be fed to
+    F.linear), made once per run rather than once per measurement."""
+    return [torch.randn(lin.out_features, lin.in_features, dtype=engine.dtype, device=engine.device)
+            for lin in engine.model.linears()]
+
+
 def bench_floor(engine: Engine, batch: int, plain: bool = False) -> float:
     """Seconds for one decode step's matmuls alone: the engine's own projections (as it lays their
     weights out) at `batch` rows, or with `plain`, F.linear on row-major weights as HF calls them."""
     linears = engine.model.linears()
     xs = {n: torch.randn(batch, n, dtype=engine.dtype, device=engine.device) for n in {lin.in_features for lin in linears}}
     if plain:
-        ws = [torch.randn(lin.out_features, lin.in_features, dtype=engine.dtype, device=engine.device) for lin in linears]
+        ws = row_major_weights(engine)
 
         def step():
             for lin, w in zip(linears, ws):

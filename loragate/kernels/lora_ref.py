@@ -200,7 +200,8 @@ def _add_lora_gathered(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: tor
     n_slots, S, R, in_dim = A.shape
     Sa = len(active)
     span = plan["span"]
-    if Lm == 1 and span is not None:  # one decode token per adapter, rows in order: a plain view
+    single = Lm == 1 and span is not None  # one decode token per adapter, rows in order
+    if single:  # the rows are a plain view
         xs = x[span[0]:span[1]].view(G, 1, in_dim)
     else:
         xs = x.index_select(0, plan["pad_rows"]).view(G, Lm, in_dim)
@@ -209,7 +210,7 @@ def _add_lora_gathered(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: tor
     t = torch.bmm(xs, a.view(G, Sa * rmax, in_dim).transpose(1, 2)).view(G, Lm, Sa, rmax)
     t = t * plan["scale_mask"].to(t.dtype).view(G, 1, 1, rmax)
     b = B.narrow(2, 0, rmax).index_select(0, plan["slots"])  # [G, N, rmax]
-    if Lm == 1 and span is not None:
+    if single:
         # B_s @ t_s^T reads each slice's rows of b in place (b_s @ ... with b_s a row range needs
         # no copy, where t_s @ b_s^T made the CPU bmm copy the transposed operand) and gives
         # [G, Ns, 1] = the rows to add, already laid out as y's

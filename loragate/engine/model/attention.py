@@ -37,15 +37,14 @@ class AttentionMetadata:
 
     def decode_bias(self, num_kv_heads: int, group: int, dtype: torch.dtype) -> torch.Tensor:
         """The decode mask as an additive bias [Hk*Bd, group, L] (0 or -inf) in the layout of the
-        score matmul, built by the first layer and reused by the others."""
-        bias = self._decode_bias
-        if bias is None or bias.dtype != dtype or bias.shape[0] != num_kv_heads * self.decode_kv_index.shape[0]:
+        score matmul, built by the first layer and reused by the others (metadata lives one step,
+        and every layer of a model has the same heads and dtype)."""
+        if self._decode_bias is None:
             B, L = self.decode_kv_index.shape
             flat = torch.zeros(B, L, dtype=dtype, device=self.decode_kv_index.device)
             flat.masked_fill_(~self.decode_mask.reshape(B, L), float("-inf"))
-            bias = flat.view(1, B, 1, L).expand(num_kv_heads, B, group, L).reshape(num_kv_heads * B, group, L)
-            self._decode_bias = bias
-        return bias
+            self._decode_bias = flat.view(1, B, 1, L).expand(num_kv_heads, B, group, L).reshape(num_kv_heads * B, group, L)
+        return self._decode_bias
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,

@@ -35,7 +35,6 @@ class Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, prepack: bool | None = None) -> None:
         self.out_features, self.in_features = weight.shape
-        self.dtype = weight.dtype
         self.bias = bias
         if prepack is None:
             prepack = prepack_supported(weight.device, weight.dtype)

@@ -44,8 +44,8 @@ class LayerWeights:
     input_norm: RMSNorm
     post_norm: RMSNorm
 
-    def linears(self) -> dict[str, Linear]:
-        return {"qkv": self.qkv, "o": self.o, "gate_up": self.gate_up, "down": self.down}
+    def linears(self) -> tuple[Linear, ...]:
+        return self.qkv, self.o, self.gate_up, self.down
 
 
 class LlamaModel:
@@ -80,7 +80,7 @@ class LlamaModel:
 
     def linears(self) -> list[Linear]:
         """Every matmul of a step, in order: what bench/engine.py times as the compute floor."""
-        return [lin for layer in self.layers for lin in layer.linears().values()] + [self.lm_head]
+        return [lin for layer in self.layers for lin in layer.linears()] + [self.lm_head]
 
     def attach_lora(self, lora: LoraWeights) -> None:
         self.lora = lora
