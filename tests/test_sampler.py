@@ -12,6 +12,7 @@ from transformers.generation.logits_process import (
 )
 
 from loragate.engine.sampler import (
+    first_argmax,
     Sampler,
     SampleRow,
     apply_logit_bias,
@@ -54,6 +55,25 @@ def test_greedy_equals_argmax_on_fast_and_slow_paths():
     # asking for logprobs leaves the fast path but must not change the choice
     slow = sampler(logits, [row(temperature=0.0, logprobs=2) for _ in range(7)])
     assert slow.token_ids == fast.token_ids
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_argmax_is_torch_argmax_with_ties_and_non_finite_rows(dtype):
+    logits = rand_logits(6, 49152, 7).to(dtype)
+    top = logits.amax()
+    logits[0, [4000, 17, 30000]] = top + 1  # a three-way tie: the first index wins
+    logits[1, -1] = top + 1  # the last column
+    logits[2, 0] = top + 1  # the first column
+    logits[3, [5, 9]] = float("inf")  # +inf ties (the subtraction gives nan): fallback
+    logits[4] = float("-inf")  # a row with nothing finite
+    logits[4, 123] = 0.0
+    expected = logits.float().argmax(-1).tolist()
+    assert expected[0] == 17 and expected[1] == 49151 and expected[2] == 0 and expected[3] == 5
+    assert first_argmax(logits) == expected
+    assert first_argmax(logits[:3, :1000]) == logits[:3, :1000].float().argmax(-1).tolist()  # a strided view
+    nan_row = logits.clone()
+    nan_row[5, 11] = float("nan")
+    assert first_argmax(nan_row) == nan_row.argmax(-1).tolist()
 
 
 def test_top_k_one_and_tiny_top_p_equal_greedy():

@@ -59,7 +59,9 @@ def build_forward_batch(scheduled: list[ScheduledSeq], block_size: int, device: 
         tables = torch.zeros(len(decode_tables), max_blocks, dtype=torch.long)
         for i, t in enumerate(decode_tables):
             tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        max_len = max(decode_lens)
+        # padded to whole blocks: the attention matmuls' shapes then change once every block_size
+        # steps, not every step (oneDNN builds a kernel per new shape, ~1 ms each on the CPU)
+        max_len = -(-max(decode_lens) // block_size) * block_size
         offs = torch.arange(max_len)
         kv_index = _slots(tables, offs, block_size)
         lens = torch.tensor(decode_lens)

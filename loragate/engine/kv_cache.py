@@ -2,10 +2,12 @@
 
 Memory is sized once at start-up from an explicit byte budget (or a fraction of free device
 memory) and never grows: a request that does not fit waits or preempts another, it never makes
-the server allocate more. Each layer's keys and values live in one head-major
-[kv_heads, slots, head_dim] tensor; slot = block * block_size + offset. Head-major lets one
-index_select gather a batch's pages directly into the [kv_heads * batch, context, head_dim]
-operand of decode attention's batched matmuls (see model/attention.py).
+the server allocate more. Each layer's keys and values live together in one head-major
+[2 * kv_heads, slots, head_dim] tensor, keys in the first kv_heads rows and values in the rest;
+slot = block * block_size + offset. Head-major lets one index_select gather a batch's pages
+directly into the [batch * kv_heads, context, head_dim] operands of decode attention's batched
+matmuls, and keeping keys and values in one tensor makes a layer's cache write one index_copy
+and its decode gather one index_select (see model/attention.py).
 """
 from __future__ import annotations
 
@@ -68,11 +70,9 @@ class KVCache:
         self.block_size = spec.block_size
         self.allocator = BlockAllocator(num_blocks)
         slots = num_blocks * spec.block_size
-        shape = (spec.num_kv_heads, slots, spec.head_dim)
-        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
-            (torch.zeros(shape, dtype=spec.dtype, device=device), torch.zeros(shape, dtype=spec.dtype, device=device))
-            for _ in range(spec.num_layers)
-        ]
+        shape = (2 * spec.num_kv_heads, slots, spec.head_dim)
+        self.layers: list[torch.Tensor] = [torch.zeros(shape, dtype=spec.dtype, device=device)
+                                           for _ in range(spec.num_layers)]
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)

@@ -34,60 +34,66 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, L] True where attendable
     prefills: list[PrefillChunk] = field(default_factory=list)
     _decode_bias: torch.Tensor | None = field(default=None, repr=False)
+    _decode_gather: torch.Tensor | None = field(default=None, repr=False)
 
     def decode_bias(self, num_kv_heads: int, group: int, dtype: torch.dtype) -> torch.Tensor:
-        """The decode mask as an additive bias [Hk*Bd, group, L] (0 or -inf) in the layout of the
+        """The decode mask as an additive bias [Bd*Hk, group, L] (0 or -inf) in the layout of the
         score matmul, built by the first layer and reused by the others (metadata lives one step,
-        and every layer of a model has the same heads and dtype)."""
-        if self._decode_bias is None:
+        and every layer of a model has the same heads and attention dtype)."""
+        if self._decode_bias is None or self._decode_bias.dtype != dtype:
             B, L = self.decode_kv_index.shape
             flat = torch.zeros(B, L, dtype=dtype, device=self.decode_kv_index.device)
             flat.masked_fill_(~self.decode_mask.reshape(B, L), float("-inf"))
-            self._decode_bias = flat.view(1, B, 1, L).expand(num_kv_heads, B, group, L).reshape(num_kv_heads * B, group, L)
+            self._decode_bias = flat.view(B, 1, 1, L).expand(B, num_kv_heads, group, L).reshape(B * num_kv_heads, group, L)
         return self._decode_bias
 
+    def decode_gather(self, num_kv_heads: int, num_slots: int) -> torch.Tensor:
+        """Rows [2*Bd*Hk*L] of the cache viewed flat as [2*Hk*slots, D] that hold every decoding
+        sequence's context: first all keys, then all values, each sequence-major then head.
+        Gathered with one dim-0 index_select (the fast row-copy path: measured ~2x the speed of
+        index_select along the slot dim) its two halves are the [Bd*Hk, L, D] key and value
+        operands of the batched matmuls as they are. Built once a step."""
+        if self._decode_gather is None:
+            B, L = self.decode_kv_index.shape
+            heads = torch.arange(num_kv_heads, device=self.decode_kv_index.device).view(1, num_kv_heads, 1) * num_slots
+            keys = (self.decode_kv_index.view(B, 1, L) + heads).reshape(-1)
+            self._decode_gather = torch.cat([keys, keys + num_kv_heads * num_slots])
+        return self._decode_gather
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
-             v: torch.Tensor) -> None:
-    """Store this step's keys and values ([T, Hk, D]) at their slots of the head-major cache."""
-    k_cache.index_copy_(1, slot_mapping, k.transpose(0, 1))
-    v_cache.index_copy_(1, slot_mapping, v.transpose(0, 1))
+
+def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, kv: torch.Tensor) -> None:
+    """Store this step's keys and values ([T, 2*Hk, D], keys first) at their slots of the layer's
+    head-major cache [2*Hk, slots, D]: one copy for both."""
+    kv_cache.index_copy_(1, slot_mapping, kv.transpose(0, 1))
 
 
 def paged_attention(
     q: torch.Tensor,  # [T, Hq, D] (rope applied)
-    k: torch.Tensor,  # [T, Hk, D]
-    v: torch.Tensor,
-    k_cache: torch.Tensor,  # [Hk, slots, D]
-    v_cache: torch.Tensor,
+    kv: torch.Tensor,  # [T, 2*Hk, D]: keys (rope applied), then values
+    kv_cache: torch.Tensor,  # [2*Hk, slots, D]: keys, then values
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
     """Write this step's k/v into the cache, then attend. Returns [T, Hq*D]."""
-    write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
+    write_kv(kv_cache, meta.slot_mapping, kv)
     T, Hq, D = q.shape
-    Hk = k.shape[1]
+    Hk = kv.shape[1] // 2
     group = Hq // Hk
     decodes = meta.decode_rows is not None and meta.decode_rows.numel() > 0
     if decodes and not meta.prefills:  # a pure decode step (the steady state): rows are in order
-        bias = meta.decode_bias(Hk, group, q.dtype)
-        return decode_attention(q, k_cache, v_cache, meta.decode_kv_index, bias, scale).view(T, Hq * D)
+        return decode_attention(q, kv_cache, meta, scale).view(T, Hq * D)
     out = torch.empty_like(q)
     if decodes:
-        bias = meta.decode_bias(Hk, group, q.dtype)
-        out.index_copy_(0, meta.decode_rows, decode_attention(q.index_select(0, meta.decode_rows), k_cache, v_cache,
-                                                              meta.decode_kv_index, bias, scale))
+        out.index_copy_(0, meta.decode_rows, decode_attention(q.index_select(0, meta.decode_rows), kv_cache, meta, scale))
     for chunk in meta.prefills:
         # 4-D inputs with KV heads repeated up to the query heads: with 3-D or GQA inputs the CPU
         # SDPA falls back to its math path (measured ~2.7x slower on a 70-token prefill)
         qp = q[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
         if chunk.fresh:
-            kp = k[chunk.start:chunk.end].transpose(0, 1)  # [Hk, n, D]
-            vp = v[chunk.start:chunk.end].transpose(0, 1)
+            kp, vp = kv[chunk.start:chunk.end].transpose(0, 1).split(Hk)  # [Hk, n, D] each
             mask = None
         else:
-            kp = k_cache.index_select(1, chunk.kv_index)  # [Hk, ctx, D]
-            vp = v_cache.index_select(1, chunk.kv_index)
+            kp, vp = kv_cache.index_select(1, chunk.kv_index).split(Hk)  # [Hk, ctx, D] each
             n, ctx = chunk.end - chunk.start, chunk.kv_index.numel()
             mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - n)
         kp = kp.unsqueeze(0)
@@ -100,24 +106,36 @@ def paged_attention(
     return out.reshape(T, Hq * D)
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_index: torch.Tensor,
-                     bias: torch.Tensor, scale: float) -> torch.Tensor:
+# Below this many gathered context rows (sequences x KV heads x padded length), decode attention
+# on the CPU runs its two small matmuls in float32 even for a bf16/fp16 cache: oneDNN's
+# reduced-precision batched matmul has a fixed cost of tens of microseconds a call that float32
+# GEMM does not, and at these sizes that cost is most of the work (measured on a 2-core AVX-512
+# host in a decode step: 1 sequence 150 -> 98 us a layer, 8 sequences x 48 tokens 210 -> 170 us;
+# break-even near 2-3k rows, where the doubled bytes of the upcast operands start to dominate).
+SMALL_DECODE_ROWS = 2048
+
+
+def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """One query per sequence against its gathered context: [B, Hq, D] -> [B, Hq, D].
 
     Written out as two batched matmuls rather than SDPA: for a single query row the fused kernels
     cost more in set-up than the work itself (measured ~3x slower on the CPU at batch 64). The
-    cache is head-major ([Hk, slots, D]), so one index_select per tensor gathers every sequence's
-    pages straight into the [Hk*B, L, D] operand of the batched matmuls: no transposing copy of the
-    context. Query heads sharing a KV head (GQA) ride along as rows of the same matmul, and the
-    scale and padding mask are folded into the first matmul (`baddbmm` with the step's bias).
+    batch of the matmuls is (sequence, KV head), in that order, so the queries [B, Hq, D] are
+    already [B*Hk, g, D] (query heads sharing a KV head, GQA, ride along as rows of one matmul)
+    and the result is already [B, Hq, D]: no transposing copies. The head-major cache viewed flat
+    is gathered in one go straight into the [B*Hk, L, D] key and value operands
+    (`AttentionMetadata.decode_gather`), and the scale and padding mask are folded into the first
+    matmul (`baddbmm` with the step's bias).
     """
     B, Hq, D = q.shape
-    L = kv_index.shape[1]
-    Hk = k_cache.shape[0]
-    g = Hq // Hk
-    flat = kv_index.reshape(-1)
-    k = k_cache.index_select(1, flat).view(Hk * B, L, D)
-    v = v_cache.index_select(1, flat).view(Hk * B, L, D)
-    qh = q.view(B, Hk, g, D).transpose(0, 1).reshape(Hk * B, g, D)
+    Hk = kv_cache.shape[0] // 2
+    gather = meta.decode_gather(Hk, kv_cache.shape[1])
+    rows = gather.numel() // 2
+    L = rows // (B * Hk)
+    k, v = kv_cache.view(-1, D).index_select(0, gather).view(2, B * Hk, L, D).unbind(0)
+    qh = q.reshape(B * Hk, Hq // Hk, D)
+    if q.device.type == "cpu" and q.dtype != torch.float32 and rows <= SMALL_DECODE_ROWS:
+        qh, k, v = qh.float(), k.float(), v.float()
+    bias = meta.decode_bias(Hk, Hq // Hk, qh.dtype)
     probs = torch.softmax(torch.baddbmm(bias, qh, k.transpose(1, 2), alpha=scale), dim=-1)
-    return torch.bmm(probs, v).view(Hk, B, g, D).transpose(0, 1).reshape(B, Hq, D)
+    return torch.bmm(probs, v).view(B, Hq, D).to(q.dtype)

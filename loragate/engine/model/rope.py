@@ -55,7 +55,8 @@ class RotaryEmbedding:
         """cos, signed sin [T, 1, D] for the tokens' positions: once per step, shared by all layers."""
         return self.cos.index_select(0, positions).unsqueeze(1), self.signed_sin.index_select(0, positions).unsqueeze(1)
 
-    def apply(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: [T, H, D] (queries and keys side by side) -> rotated copy, HF's rotate_half form."""
+    def apply_(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Rotate x: [T, H, D] (queries and keys side by side, any strides) in place, HF's
+        rotate_half form. In place so the rotated keys stay where the projection put them."""
         cos, signed_sin = cos_sin
-        return torch.addcmul(x * cos, x.roll(self.half, dims=-1), signed_sin)
+        return torch.addcmul(x * cos, x.roll(self.half, dims=-1), signed_sin, out=x)
