@@ -12,12 +12,12 @@ from transformers.generation.logits_process import (
 )
 
 from loragate.engine.sampler import (
-    first_argmax,
     Sampler,
     SampleRow,
     apply_logit_bias,
     apply_penalties,
     filter_logits,
+    first_argmax,
     make_generator,
 )
 from loragate.engine.sampling_params import SamplingParams

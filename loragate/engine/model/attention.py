@@ -44,7 +44,8 @@ class AttentionMetadata:
             B, L = self.decode_kv_index.shape
             flat = torch.zeros(B, L, dtype=dtype, device=self.decode_kv_index.device)
             flat.masked_fill_(~self.decode_mask.reshape(B, L), float("-inf"))
-            self._decode_bias = flat.view(B, 1, 1, L).expand(B, num_kv_heads, group, L).reshape(B * num_kv_heads, group, L)
+            bias = flat.view(B, 1, 1, L).expand(B, num_kv_heads, group, L)
+            self._decode_bias = bias.reshape(B * num_kv_heads, group, L)
         return self._decode_bias
 
     def decode_gather(self, num_kv_heads: int, num_slots: int) -> torch.Tensor:
@@ -84,7 +85,8 @@ def paged_attention(
         return decode_attention(q, kv_cache, meta, scale).view(T, Hq * D)
     out = torch.empty_like(q)
     if decodes:
-        out.index_copy_(0, meta.decode_rows, decode_attention(q.index_select(0, meta.decode_rows), kv_cache, meta, scale))
+        decoded = decode_attention(q.index_select(0, meta.decode_rows), kv_cache, meta, scale)
+        out.index_copy_(0, meta.decode_rows, decoded)
     for chunk in meta.prefills:
         # 4-D inputs with KV heads repeated up to the query heads: with 3-D or GQA inputs the CPU
         # SDPA falls back to its math path (measured ~2.7x slower on a 70-token prefill)
