@@ -130,14 +130,16 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMet
     matmul (`baddbmm` with the step's bias).
     """
     B, Hq, D = q.shape
+    dtype = q.dtype
     Hk = kv_cache.shape[0] // 2
     gather = meta.decode_gather(Hk, kv_cache.shape[1])
     rows = gather.numel() // 2
     L = rows // (B * Hk)
-    k, v = kv_cache.view(-1, D).index_select(0, gather).view(2, B * Hk, L, D).unbind(0)
-    qh = q.reshape(B * Hk, Hq // Hk, D)
+    ctx = kv_cache.view(-1, D).index_select(0, gather)
     if q.device.type == "cpu" and q.dtype != torch.float32 and rows <= SMALL_DECODE_ROWS:
-        qh, k, v = qh.float(), k.float(), v.float()
+        q, ctx = q.float(), ctx.float()  # q is a strided view: float() is the copy reshape would make
+    k, v = ctx.view(2, B * Hk, L, D).unbind(0)
+    qh = q.reshape(B * Hk, Hq // Hk, D)
     bias = meta.decode_bias(Hk, Hq // Hk, qh.dtype)
     probs = torch.softmax(torch.baddbmm(bias, qh, k.transpose(1, 2), alpha=scale), dim=-1)
-    return torch.bmm(probs, v).view(B, Hq, D).to(q.dtype)
+    return torch.bmm(probs, v).view(B, Hq, D).to(dtype)

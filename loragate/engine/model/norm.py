@@ -33,14 +33,16 @@ class RMSNorm:
         return self._layer_norm(torch.cat([x, -x], dim=-1))
 
     def add_norm(self, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual step: returns (h + delta, norm(h + delta)). On the CPU the sum is a view
-        into the LayerNorm buffer (rows 2*dim apart), which is fine as the next residual input."""
+        """The residual step: returns (h + delta, norm(h + delta)). On the CPU
+        the sum is a view into the LayerNorm buffer (rows 2*dim apart), which is fine as the next
+        residual input."""
         if self._padded is None:
             h = h + delta
             return h, F.rms_norm(h, (self.dim,), self.weight, self.eps)
-        buf = torch.empty(*h.shape[:-1], 2 * self.dim, dtype=h.dtype, device=h.device)
-        total = torch.add(h, delta, out=buf[..., : self.dim])
-        torch.neg(total, out=buf[..., self.dim:])
+        buf = h.new_empty((*h.shape[:-1], 2 * self.dim))
+        total, negated = buf.split(self.dim, dim=-1)
+        torch.add(h, delta, out=total)
+        torch.neg(total, out=negated)
         return total, self._layer_norm(buf)
 
     def _layer_norm(self, both: torch.Tensor) -> torch.Tensor:
