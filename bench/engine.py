@@ -7,11 +7,13 @@ One run, one machine, random SmolLM-135M-shaped checkpoint (hidden 576, 30 layer
   floor    - the same model's matmuls alone (qkv, o, gate_up, down per layer + lm_head) at batch B,
              run the way the engine runs them (on the CPU: weights reordered once for oneDNN)
   plain    - the same matmuls as F.linear on row-major weights (how HF runs them), for reference
-Each is measured --rounds times, interleaved, and the medians are reported (the per-round ratios
-are printed too). Prints tokens/s and the ratios the issue names: step / floor at B=32, ours / hf
+Each is measured --rounds times, interleaved; times are medians over the rounds, and the ratios
+are medians of the per-round ratios (each round measures ours, the floor and HF back to back, so
+the drift of a shared VM's speed between rounds cancels out of them; the per-round ratios are
+printed too). Prints tokens/s and the ratios the issue names: step / floor at B=32, ours / hf
 at B=8.
 
-    python bench/engine.py [--batches 1 8 32 64] [--steps 24] [--rounds 3] [--dtype bfloat16]
+    python bench/engine.py [--batches 1 8 32 64] [--steps 24] [--rounds 5] [--dtype bfloat16]
 """
 from __future__ import annotations
 
@@ -112,7 +114,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--rounds", type=int, default=3,
+    ap.add_argument("--rounds", type=int, default=5,
                     help="measure ours / floor / plain / HF this many times, interleaved, and report medians "
                          "(a shared VM's speed drifts by tens of percent within minutes)")
     ap.add_argument("--dtype", default="bfloat16")
@@ -127,7 +129,8 @@ def main() -> None:
     engine = Engine(cfg)
     hf_model = None if args.skip_hf else load_hf(path, dtype)
     print(f"# bench/engine.py  {time.strftime('%Y-%m-%d')}  {machine()}  dtype={args.dtype}  "
-          f"threads={torch.get_num_threads()}  medians of {args.rounds} interleaved rounds")
+          f"threads={torch.get_num_threads()}  {args.rounds} interleaved rounds: times are medians, ratios medians of "
+          "the per-round ratios")
     print(f"{'batch':>5} {'ours tok/s':>11} {'hf tok/s':>10} {'floor tok/s':>12} {'step ms':>8} {'floor ms':>9} "
           f"{'plain ms':>9} {'step/floor':>10} {'ours/hf':>8}  per-round step/floor, ours/hf")
     rows = []
@@ -141,9 +144,11 @@ def main() -> None:
                 runs["hf"].append(bench_hf(hf_model, b, args.steps))
         med = {k: statistics.median(v) if v else None for k, v in runs.items()}
         ours, floor, plain, hf = med["ours"], med["floor"], med["plain"], med["hf"]
+        step_over_floor = statistics.median(o / f for o, f in zip(runs["ours"], runs["floor"]))
+        ours_over_hf = statistics.median(h / o for o, h in zip(runs["ours"], runs["hf"])) if hf else None
         row = dict(batch=b, ours_tok_s=b / ours, hf_tok_s=(b / hf) if hf else None, floor_tok_s=b / floor,
-                   step_ms=ours * 1e3, floor_ms=floor * 1e3, plain_floor_ms=plain * 1e3, step_over_floor=ours / floor,
-                   ours_over_hf=(hf / ours) if hf else None, rounds={k: [x * 1e3 for x in v] for k, v in runs.items()})
+                   step_ms=ours * 1e3, floor_ms=floor * 1e3, plain_floor_ms=plain * 1e3, step_over_floor=step_over_floor,
+                   ours_over_hf=ours_over_hf, rounds={k: [x * 1e3 for x in v] for k, v in runs.items()})
         rows.append(row)
         hf_s = f"{row['hf_tok_s']:10.1f}" if hf else f"{'-':>10}"
         ratio = f"{row['ours_over_hf']:8.2f}" if hf else f"{'-':>8}"

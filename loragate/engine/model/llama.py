@@ -115,9 +115,8 @@ class LlamaModel:
         self._slices = self._active_slices(layout)
         h = F.embedding(batch.input_ids, self.embed)
         cos_sin = self.rope.lookup(batch.positions)
-        delta = None  # the last layer's MLP output, added to h together with the next norm
         for i, lw in enumerate(self.layers):
-            h, x = (h, lw.input_norm(h)) if delta is None else lw.input_norm.add_norm(h, delta)
+            x = lw.input_norm(h)
             qkv = self._proj(x, lw.qkv, i, "qkv", layout)
             # q|k|v per token; rotating q and k in place leaves k|v side by side, as the cache keeps them
             self.rope.apply_(qkv[:, : cfg.q_size + cfg.kv_size].view(T, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim),
@@ -125,10 +124,11 @@ class LlamaModel:
             q = qkv[:, : cfg.q_size].view(T, cfg.num_heads, cfg.head_dim)
             kv = qkv[:, cfg.q_size:].view(T, 2 * cfg.num_kv_heads, cfg.head_dim)
             attn = paged_attention(q, kv, kv_caches[i], batch.attn, self.scale)
-            h, x = lw.post_norm.add_norm(h, self._proj(attn, lw.o, i, "o", layout))
+            h = h + self._proj(attn, lw.o, i, "o", layout)
+            x = lw.post_norm(h)
             gu = self._proj(x, lw.gate_up, i, "gate_up", layout)
             gate, up = gu.chunk(2, dim=-1)
-            delta = self._proj(F.silu(gate) * up, lw.down, i, "down", layout)
-        rows = batch.logits_rows
-        last = self.norm(h.index_select(0, rows) + delta.index_select(0, rows))
+            h = h + self._proj(F.silu(gate) * up, lw.down, i, "down", layout)
+        last = h.index_select(0, batch.logits_rows)
+        last = self.norm(last)
         return self.lm_head(last)

@@ -4,12 +4,9 @@ torch's `rms_norm` is a composite on the CPU: about ten small kernels per call (
 mean, add, rsqrt, multiply, downcast, weight), and a decode step of a 30-layer model makes 61
 calls, where per-call overhead is what a CPU decode step is made of. The row [x, -x] has mean
 exactly 0 and variance mean(x^2), so LayerNorm over it is x / sqrt(mean(x^2) + eps) in its first
-half: one fused, vectorised kernel that also applies the weight (the second half is multiplied
-by zeros and never read). The result equals torch's rms_norm bit for bit in bf16 and to fp32
-rounding in fp32 (tested). Every norm of a decoder but the first follows a residual add, so
-`add_norm` writes the sum straight into the first half of the [x, -x] buffer: add, negate,
-normalise, three kernels for what is otherwise an add plus ten. CUDA has a fused rms_norm kernel
-and uses it.
+half: one copy plus one fused, vectorised kernel that also applies the weight (the second half is
+multiplied by zeros and never read). The result equals torch's rms_norm bit for bit in bf16 and
+to fp32 rounding in fp32 (tested). CUDA has a fused rms_norm kernel and uses it.
 """
 from __future__ import annotations
 
@@ -30,20 +27,4 @@ class RMSNorm:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._padded is None:
             return F.rms_norm(x, (self.dim,), self.weight, self.eps)
-        return self._layer_norm(torch.cat([x, -x], dim=-1))
-
-    def add_norm(self, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual step: returns (h + delta, norm(h + delta)). On the CPU
-        the sum is a view into the LayerNorm buffer (rows 2*dim apart), which is fine as the next
-        residual input."""
-        if self._padded is None:
-            h = h + delta
-            return h, F.rms_norm(h, (self.dim,), self.weight, self.eps)
-        buf = h.new_empty((*h.shape[:-1], 2 * self.dim))
-        total, negated = buf.split(self.dim, dim=-1)
-        torch.add(h, delta, out=total)
-        torch.neg(total, out=negated)
-        return total, self._layer_norm(buf)
-
-    def _layer_norm(self, both: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(both, (2 * self.dim,), self._padded, None, self.eps)[..., : self.dim]
+        return F.layer_norm(torch.cat([x, -x], dim=-1), (2 * self.dim,), self._padded, None, self.eps)[..., : self.dim]
