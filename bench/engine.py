@@ -147,8 +147,8 @@ def main() -> None:
         step_over_floor = statistics.median(o / f for o, f in zip(runs["ours"], runs["floor"]))
         ours_over_hf = statistics.median(h / o for o, h in zip(runs["ours"], runs["hf"])) if hf else None
         row = dict(batch=b, ours_tok_s=b / ours, hf_tok_s=(b / hf) if hf else None, floor_tok_s=b / floor,
-                   step_ms=ours * 1e3, floor_ms=floor * 1e3, plain_floor_ms=plain * 1e3, step_over_floor=step_over_floor,
-                   ours_over_hf=ours_over_hf, rounds={k: [x * 1e3 for x in v] for k, v in runs.items()})
+                   step_ms=ours * 1e3, floor_ms=floor * 1e3, plain_floor_ms=plain * 1e3,
+                   step_over_floor=step_over_floor, ours_over_hf=ours_over_hf, rounds={k: [x * 1e3 for x in v] for k, v in runs.items()})
         rows.append(row)
         hf_s = f"{row['hf_tok_s']:10.1f}" if hf else f"{'-':>10}"
         ratio = f"{row['ours_over_hf']:8.2f}" if hf else f"{'-':>8}"
