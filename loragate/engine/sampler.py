@@ -21,6 +21,7 @@ token-id order, so its tokens do not depend on its batch mates or its position i
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,12 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return gen
 
 
+@functools.lru_cache(maxsize=4)
+def _column_index(n: int) -> torch.Tensor:
+    """0..n-1 as float32 on the CPU, made once per vocabulary width rather than every step."""
+    return torch.arange(n, dtype=torch.float32)
+
+
 def first_argmax(logits: torch.Tensor) -> list[int]:
     """Index of each row's first maximum (torch.argmax's answer), fast on the CPU.
 
@@ -78,7 +85,7 @@ def first_argmax(logits: torch.Tensor) -> list[int]:
     if not bool(torch.isfinite(row_max).all()):
         return logits.argmax(dim=-1).tolist()
     x.sub_(row_max).sign_().mul_(-float(1 << 24))
-    x.add_(torch.arange(x.shape[-1], dtype=torch.float32))
+    x.add_(_column_index(x.shape[-1]))
     return x.amin(dim=-1).long().tolist()
 
 
