@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loragate.kernels.native import BACKEND_ENV
 from engine_utils import hf_greedy, make_engine, random_prompts, request, run_to_completion, tokens
 
 
@@ -36,7 +37,9 @@ def staggered(prompts, **params):
     return reqs, {3 * (i // 2): reqs[i - i % 2: i - i % 2 + 2] for i in range(0, len(reqs), 2)}
 
 
-def test_batched_greedy_equals_transformers_alone(base, prompts, expected):
+@pytest.mark.parametrize("cpu_kernels", ["native", "torch"])
+def test_batched_greedy_equals_transformers_alone(base, prompts, expected, cpu_kernels, monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, cpu_kernels)
     engine = make_engine(base)
     reqs, arrivals = staggered(prompts)
     outs = run_to_completion(engine, arrivals)

@@ -9,6 +9,7 @@ from loragate.engine.model.attention import AttentionMetadata, PrefillChunk
 from loragate.engine.model.config import ModelConfig, UnsupportedModelError
 from loragate.engine.model.llama import ForwardBatch, LlamaModel
 from loragate.engine.model.loader import fused_weights, read_tensors
+from loragate.kernels.native import BACKEND_ENV
 from loragate.testing import SHAPES
 
 SHAPE_NAMES = list(SHAPES)
@@ -46,6 +47,7 @@ def run_ours(cfg: ModelConfig, model: LlamaModel, ids: list[int], chunks: list[i
                 decode_rows=torch.tensor([0]),
                 decode_kv_index=(table[ctx // block] * block + ctx % block).unsqueeze(0),
                 decode_mask=torch.ones(1, 1, 1, start + 1, dtype=torch.bool),
+                decode_lens=torch.tensor([start + 1]),
             )
         else:
             ctx = torch.arange(start + n)
@@ -58,7 +60,11 @@ def run_ours(cfg: ModelConfig, model: LlamaModel, ids: list[int], chunks: list[i
 
 
 @pytest.mark.parametrize("shape", SHAPE_NAMES)
-def test_prefill_and_decode_logits_match_transformers(checkpoints, shape):
+@pytest.mark.parametrize("cpu_kernels", ["native", "torch"])
+def test_prefill_and_decode_logits_match_transformers(checkpoints, shape, cpu_kernels, monkeypatch):
+    """Each CPU backend: the native kernels (attention, norms, RoPE, SwiGLU; need a C++ compiler, as
+    CI has) and the torch path."""
+    monkeypatch.setenv(BACKEND_ENV, cpu_kernels)
     path = checkpoints(shape)
     cfg, model = load_ours(path)
     ids = torch.randint(3, cfg.vocab_size, (24,), generator=torch.Generator().manual_seed(1)).tolist()

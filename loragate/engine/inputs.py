@@ -69,6 +69,7 @@ def build_forward_batch(scheduled: list[ScheduledSeq], block_size: int, device: 
         meta.decode_rows = torch.tensor(decode_rows, dtype=torch.long).to(device)
         meta.decode_kv_index = kv_index.to(device)
         meta.decode_mask = mask.to(device)
+        meta.decode_lens = lens.to(device)
     layout = None
     if lora is not None and any(s >= 0 for s in token_slots):
         layout = LoraBatchLayout.from_token_slots(token_slots, lora.slot_ranks, lora.slot_scales, device)

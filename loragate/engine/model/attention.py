@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from loragate.kernels.decode_attention import decode_attention_native, use_native
+
 
 @dataclass
 class PrefillChunk:
@@ -32,6 +34,7 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None = None  # [Bd] flat-batch rows that are single-token decodes
     decode_kv_index: torch.Tensor | None = None  # [Bd, L] cache slots, padded
     decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, L] True where attendable
+    decode_lens: torch.Tensor | None = None  # [Bd] int64 context lengths (the native kernel reads these, not the mask)
     prefills: list[PrefillChunk] = field(default_factory=list)
     _decode_bias: torch.Tensor | None = field(default=None, repr=False)
     _decode_gather: torch.Tensor | None = field(default=None, repr=False)
@@ -76,12 +79,16 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Write this step's k/v into the cache, then attend. Returns [T, Hq*D]."""
-    write_kv(kv_cache, meta.slot_mapping, kv)
     T, Hq, D = q.shape
     Hk = kv.shape[1] // 2
     group = Hq // Hk
     decodes = meta.decode_rows is not None and meta.decode_rows.numel() > 0
-    if decodes and not meta.prefills:  # a pure decode step (the steady state): rows are in order
+    if decodes and not meta.prefills and meta.decode_lens is not None and use_native(q):
+        # the steady state on the CPU: the write and the attention are one native call
+        return decode_attention_native(q, kv_cache, meta.decode_kv_index, meta.decode_lens, scale, kv,
+                                       meta.slot_mapping).view(T, Hq * D)
+    write_kv(kv_cache, meta.slot_mapping, kv)
+    if decodes and not meta.prefills:  # a pure decode step: rows are in order
         return decode_attention(q, kv_cache, meta, scale).view(T, Hq * D)
     out = torch.empty_like(q)
     if decodes:
@@ -118,7 +125,16 @@ SMALL_DECODE_ROWS = 2048
 
 
 def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """One query per sequence against its gathered context: [B, Hq, D] -> [B, Hq, D].
+    """One query per sequence against its paged context: [B, Hq, D] -> [B, Hq, D]. On the CPU the
+    fused native kernel (loragate.kernels.decode_attention) when it built, else the torch path."""
+    if meta.decode_lens is not None and use_native(q):
+        return decode_attention_native(q, kv_cache, meta.decode_kv_index, meta.decode_lens, scale)
+    return decode_attention_torch(q, kv_cache, meta, scale)
+
+
+def decode_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One query per sequence against its gathered context: [B, Hq, D] -> [B, Hq, D]. The CUDA
+    path, the CPU fallback, and the native kernel's test oracle.
 
     Written out as two batched matmuls rather than SDPA: for a single query row the fused kernels
     cost more in set-up than the work itself (measured ~3x slower on the CPU at batch 64). The

@@ -19,7 +19,17 @@ from loragate.engine.model.lora import LoraWeights, group_specs
 from loragate.engine.model.norm import RMSNorm
 from loragate.engine.model.rope import RotaryEmbedding
 from loragate.kernels import add_lora
+from loragate.kernels.elementwise import silu_mul_native
+from loragate.kernels.elementwise import use_native as use_native_elementwise
 from loragate.kernels.layout import LoraBatchLayout
+
+
+def swiglu(gate_up: torch.Tensor, native: bool) -> torch.Tensor:
+    """silu(gate) * up of the fused gate|up projection output."""
+    if native:
+        return silu_mul_native(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 @dataclass
@@ -113,22 +123,26 @@ class LlamaModel:
         T = batch.input_ids.shape[0]
         layout = batch.lora
         self._slices = self._active_slices(layout)
-        h = F.embedding(batch.input_ids, self.embed)
-        cos_sin = self.rope.lookup(batch.positions)
+        h = F.embedding(batch.input_ids, self.embed)  # the residual stream, updated in place below
+        # one backend for the step's row-wise ops: the native CPU kernels when they built, else torch
+        native = use_native_elementwise(h)
+        cos_sin = None if native else self.rope.lookup(batch.positions)
+        x = self.layers[0].input_norm(h, native)
         for i, lw in enumerate(self.layers):
-            x = lw.input_norm(h)
             qkv = self._proj(x, lw.qkv, i, "qkv", layout)
             # q|k|v per token; rotating q and k in place leaves k|v side by side, as the cache keeps them
             self.rope.apply_(qkv[:, : cfg.q_size + cfg.kv_size].view(T, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim),
-                             cos_sin)
+                             batch.positions, cos_sin, native)
             q = qkv[:, : cfg.q_size].view(T, cfg.num_heads, cfg.head_dim)
             kv = qkv[:, cfg.q_size:].view(T, 2 * cfg.num_kv_heads, cfg.head_dim)
             attn = paged_attention(q, kv, kv_caches[i], batch.attn, self.scale)
-            h = h + self._proj(attn, lw.o, i, "o", layout)
-            x = lw.post_norm(h)
+            x = lw.post_norm.add_(h, self._proj(attn, lw.o, i, "o", layout), native)
             gu = self._proj(x, lw.gate_up, i, "gate_up", layout)
-            gate, up = gu.chunk(2, dim=-1)
-            h = h + self._proj(F.silu(gate) * up, lw.down, i, "down", layout)
+            down = self._proj(swiglu(gu, native), lw.down, i, "down", layout)
+            if i + 1 < len(self.layers):
+                x = self.layers[i + 1].input_norm.add_(h, down, native)
+            else:
+                h.add_(down)
         last = h.index_select(0, batch.logits_rows)
-        last = self.norm(last)
+        last = self.norm(last, native)
         return self.lm_head(last)

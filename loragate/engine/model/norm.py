@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from loragate.kernels.elementwise import add_rms_norm_native
+
 
 class RMSNorm:
     """x / sqrt(mean(x^2) + eps) * weight over the last dim, statistics in fp32 whatever the input
@@ -24,7 +26,18 @@ class RMSNorm:
         self.dim = weight.shape[0]
         self._padded = torch.cat([weight, torch.zeros_like(weight)]) if weight.device.type == "cpu" else None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, native: bool = False) -> torch.Tensor:
+        """`native`: the one-pass CPU kernel (loragate.kernels.elementwise), which the caller
+        chose once for the step; it rounds as transformers does."""
+        if native:
+            return add_rms_norm_native(x, None, self.weight, self.eps)
         if self._padded is None:
             return F.rms_norm(x, (self.dim,), self.weight, self.eps)
         return F.layer_norm(torch.cat([x, -x], dim=-1), (2 * self.dim,), self._padded, None, self.eps)[..., : self.dim]
+
+    def add_(self, h: torch.Tensor, delta: torch.Tensor, native: bool = False) -> torch.Tensor:
+        """The residual step: h += delta in place, then the norm of the new h (one pass when native)."""
+        if native:
+            return add_rms_norm_native(h, delta, self.weight, self.eps)
+        h.add_(delta)
+        return self(h)

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from loragate.kernels.elementwise import rope_native_
+
 
 def inv_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
@@ -50,13 +52,22 @@ class RotaryEmbedding:
         self.cos = torch.cat([freqs.cos(), freqs.cos()], dim=-1).to(device=device, dtype=dtype)
         self.signed_sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1).to(device=device, dtype=dtype)
         self.half = head_dim // 2
+        # [max_positions, D/2] tables in the model dtype (as transformers casts cos and sin) for
+        # the native CPU kernel, which reads both halves' factors from one row
+        self.cos_half = freqs.cos().to(device=device, dtype=dtype).contiguous()
+        self.sin_half = freqs.sin().to(device=device, dtype=dtype).contiguous()
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, signed sin [T, 1, D] for the tokens' positions: once per step, shared by all layers."""
         return self.cos.index_select(0, positions).unsqueeze(1), self.signed_sin.index_select(0, positions).unsqueeze(1)
 
-    def apply_(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Rotate x: [T, H, D] (queries and keys side by side, any strides) in place, HF's
-        rotate_half form. In place so the rotated keys stay where the projection put them."""
+    def apply_(self, x: torch.Tensor, positions: torch.Tensor,
+               cos_sin: tuple[torch.Tensor, torch.Tensor] | None, native: bool = False) -> torch.Tensor:
+        """Rotate x: [T, H, D] (queries and keys side by side, any token stride) in place, HF's
+        rotate_half form. In place so the rotated keys stay where the projection put them.
+        `native`: the one-pass CPU kernel, which reads the tables by position (no `cos_sin`)."""
+        if native:
+            rope_native_(x, positions, self.cos_half, self.sin_half)
+            return x
         cos, signed_sin = cos_sin
         return torch.addcmul(x * cos, x.roll(self.half, dims=-1), signed_sin, out=x)
