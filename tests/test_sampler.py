@@ -21,6 +21,7 @@ from loragate.engine.sampler import (
     make_generator,
 )
 from loragate.engine.sampling_params import SamplingParams
+from loragate.kernels.native import BACKEND_ENV
 
 P_FLOOR = 1e-4  # loose enough that a correct sampler essentially never fails the chi-square test
 
@@ -57,8 +58,10 @@ def test_greedy_equals_argmax_on_fast_and_slow_paths():
     assert slow.token_ids == fast.token_ids
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_first_argmax_is_torch_argmax_with_ties_and_non_finite_rows(dtype):
+@pytest.mark.parametrize("cpu_kernels", ["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_first_argmax_is_torch_argmax_with_ties_and_non_finite_rows(dtype, cpu_kernels, monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, cpu_kernels)
     logits = rand_logits(6, 49152, 7).to(dtype)
     top = logits.amax()
     logits[0, [4000, 17, 30000]] = top + 1  # a three-way tie: the first index wins
@@ -74,6 +77,16 @@ def test_first_argmax_is_torch_argmax_with_ties_and_non_finite_rows(dtype):
     nan_row = logits.clone()
     nan_row[5, 11] = float("nan")
     assert first_argmax(nan_row) == nan_row.argmax(-1).tolist()
+    # widths that leave a tail past the native kernel's 64-column chunks; a tie between an early
+    # chunk and the tail; a NaN in the tail; a row of -inf only; a row that is all the same value
+    odd = rand_logits(6, 1000 + 7, 8).to(dtype)
+    high = odd.amax() + 1
+    odd[0, [70, 1005]] = high
+    odd[1, 1003] = float("nan")
+    odd[2] = float("-inf")
+    odd[3] = 1.0
+    odd[4, [0, 1006]] = high
+    assert first_argmax(odd) == odd.argmax(-1).tolist()
 
 
 def test_top_k_one_and_tiny_top_p_equal_greedy():

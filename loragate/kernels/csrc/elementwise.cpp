@@ -1,5 +1,5 @@
 // The decoder layer's small row-wise ops, one pass each, for the CPU: residual add + RMSNorm,
-// SiLU(gate) * up, and rotary embedding in place.
+// SiLU(gate) * up, rotary embedding in place; and the greedy sampler's argmax over the logits.
 //
 // In torch each of these is several kernels (a decode step of a 30-layer model makes ~400 such
 // calls), and at decode shapes a call's fixed cost is larger than its arithmetic. Every op rounds
@@ -100,6 +100,70 @@ void rope(typename S::T* x, int64_t x_stride, int64_t rows, int64_t heads, int64
     }
 }
 
+// out[r] = index of the first maximum of row r of x [rows, cols] (rows x_stride apart), as
+// torch.argmax answers: the first NaN if the row has one. One pass over the row in chunks of 64:
+// a chunk whose maximum beats the best so far is remembered, and only that chunk is scanned for
+// the position at the end (a strict > keeps the first chunk that reaches the maximum).
+template <class S>
+void argmax_rows(const typename S::T* x, int64_t x_stride, int64_t rows, int64_t cols, int64_t* out,
+                 int num_threads) {
+    constexpr int64_t kChunk = 64;
+#pragma omp parallel for num_threads(num_threads) if (rows * cols >= 4 * kParallelElements) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const typename S::T* row = x + r * x_stride;
+        float best = -INFINITY;
+        int64_t best_chunk = 0;
+        bool nan = false;
+        int64_t c = 0;
+        for (; c + kChunk <= cols; c += kChunk) {
+            float m = -INFINITY;
+            uint32_t top_bits = 0;
+#pragma omp simd reduction(max : m, top_bits)
+            for (int64_t i = 0; i < kChunk; ++i) {
+                const float v = S::load(row[c + i]);
+                m = v > m ? v : m;
+                const uint32_t b = S::abs_bits(row[c + i]);
+                top_bits = b > top_bits ? b : top_bits;
+            }
+            if (top_bits > S::kNanAbove) {
+                nan = true;
+                break;
+            }
+            if (m > best) {
+                best = m;
+                best_chunk = c;
+            }
+        }
+        int64_t found = -1;
+        if (nan) {  // the first NaN, wherever it is
+            for (int64_t i = 0; i < cols && found < 0; ++i)
+                if (S::load(row[i]) != S::load(row[i])) found = i;
+        } else {
+            for (int64_t i = c; i < cols; ++i) {  // the tail past the last whole chunk
+                const float v = S::load(row[i]);
+                if (v != v) {
+                    found = i;
+                    break;
+                }
+                if (v > best) {
+                    best = v;
+                    best_chunk = i;
+                    found = i;
+                }
+            }
+            if (found < 0) {  // the maximum lies in best_chunk: its first occurrence there
+                found = best_chunk;
+                for (int64_t i = best_chunk; i < best_chunk + kChunk && i < cols; ++i)
+                    if (S::load(row[i]) == best) {
+                        found = i;
+                        break;
+                    }
+            }
+        }
+        out[r] = found;
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -141,6 +205,16 @@ int loragate_rope(int dtype, void* x, int64_t x_stride, int64_t rows, int64_t he
         return 0;
     });
     return rc != 0 ? rc : (failed ? -2 : 0);
+}
+
+// Returns 0, or -1 for an unknown dtype.
+int loragate_argmax_rows(int dtype, const void* x, int64_t x_stride, int64_t rows, int64_t cols, int64_t* out,
+                         int num_threads) {
+    return with_storage(dtype, [&](auto storage) {
+        using S = decltype(storage);
+        argmax_rows<S>(static_cast<const typename S::T*>(x), x_stride, rows, cols, out, num_threads);
+        return 0;
+    });
 }
 
 }  // extern "C"
