@@ -429,3 +429,127 @@ def test_rewriting_a_slot_leaves_no_trace_of_its_previous_adapter():
                 B[24:32, :2] = 0
             assert not A.any() and not B.any(), (layer, grp)
     assert w.slot_slices[1] == frozenset({("qkv", 2)}) and w.slot_ranks[1] == 2
+
+
+# --- native CPU kernel vs oracle ----------------------------------------------------------------
+
+from loragate.kernels import lora as lora_dispatch  # noqa: E402
+from loragate.kernels import lora_cpu, native  # noqa: E402
+
+needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler on this host")
+ALL_SLICES = {name: tuple(range(len(g.slice_out))) for name, g in GROUPS.items()}
+
+
+def rank_major(B: torch.Tensor) -> torch.Tensor:
+    """B with the same values in the engine's CPU layout (a view of a contiguous [slots, R, N])."""
+    return B.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def native_weights(group: Group, dtype: torch.dtype, seed: int = 0):
+    A, B = make_weights(group, dtype, seed)
+    return A, rank_major(B)
+
+
+@needs_compiler
+def test_native_lora_builds():
+    assert native.load(lora_cpu.LIBRARY).library is not None, native.load(lora_cpu.LIBRARY).error
+
+
+@needs_compiler
+@pytest.mark.parametrize("group_name", list(GROUPS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_matches_oracle(group_name, dtype):
+    """Every segment of the mixed layout (decodes, the long prefill, a slot in two segments, every
+    rank), rank padding of the buffers random, base rows untouched."""
+    group = GROUPS[group_name]
+    layout = layout_for(MIXED_SLOTS)
+    A, B = native_weights(group, dtype)
+    x, y0 = make_acts(len(MIXED_SLOTS), group, dtype)
+    y = y0.clone()
+    lora_cpu.add_lora_native(y, x, A, B, group.offsets, layout, ALL_SLICES[group_name], max_len=1000)
+    assert_close(y, oracle_add(y0, x, A, B, group.offsets, layout), dtype)
+    base = base_rows(layout)
+    assert torch.equal(y[base], y0[base]) and not torch.equal(y[~base], y0[~base])
+
+
+@needs_compiler
+@pytest.mark.parametrize("seed", range(10))
+def test_native_random_layouts_on_strided_views(seed):
+    rng = random.Random(100 + seed)
+    slots = [rng.randrange(-1, MAX_LORAS) for _ in range(rng.randint(1, 40))]
+    group = GROUPS[rng.choice(sorted(GROUPS))]
+    layout = layout_for(slots)
+    A, B = native_weights(group, torch.float32, seed)
+    T = len(slots)
+    wide_x, wide_y = torch.randn(T, group.in_dim + 5), torch.randn(T, group.offsets[-1] + 3)
+    x, y = wide_x[:, 2:2 + group.in_dim], wide_y[:, 1:1 + group.offsets[-1]]
+    expected = oracle_add(y, x, A, B, group.offsets, layout)
+    before = wide_y.clone()
+    lora_cpu.add_lora_native(y, x, A, B, group.offsets, layout, tuple(range(len(group.slice_out))), max_len=1000)
+    torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(wide_y[:, :1], before[:, :1]) and torch.equal(wide_y[:, -2:], before[:, -2:])
+
+
+@needs_compiler
+def test_native_computes_only_the_active_slices():
+    group = GROUPS["qkv"]
+    layout = layout_for([0, 1, 2, 3, 0, 2, 1])
+    A, B = native_weights(group, torch.float32, 5)
+    x, y0 = make_acts(7, group, torch.float32, 6)
+    A0, B0 = A.clone(), B.clone()
+    A0[:, 1] = 0
+    B0[:, group.offsets[1]:group.offsets[2]] = 0
+    y = y0.clone()
+    lora_cpu.add_lora_native(y, x, A, B, group.offsets, layout, (0, 2), max_len=1000)
+    torch.testing.assert_close(y.double(), oracle_add(y0, x, A0, B0, group.offsets, layout), atol=1e-4, rtol=1e-4)
+    assert torch.equal(y[:, group.offsets[1]:group.offsets[2]], y0[:, group.offsets[1]:group.offsets[2]])
+
+
+@needs_compiler
+def test_dispatch_splits_short_and_long_segments(monkeypatch):
+    """add_lora on the CPU: the native kernel for segments up to NATIVE_MAX_LEN, the matmul form
+    for longer ones (spied on), together equal to the oracle; LORAGATE_CPU_KERNELS=torch runs
+    the torch reference instead."""
+    monkeypatch.setattr(lora_dispatch, "NATIVE_MAX_LEN", 4)  # MIXED_SLOTS' 18-token segment is long
+    monkeypatch.delenv(native.BACKEND_ENV, raising=False)
+    group = GROUPS["qkv"]
+    layout = layout_for(MIXED_SLOTS)
+    A, B = native_weights(group, torch.float32)
+    x, y0 = make_acts(len(MIXED_SLOTS), group, torch.float32)
+    calls: list[str] = []
+    for module, name in ((lora_dispatch, "add_lora_segment"), (lora_dispatch, "add_lora_ref"),
+                         (lora_cpu, "add_lora_native")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    expected = oracle_add(y0, x, A, B, group.offsets, layout)
+    y = y0.clone()
+    add_lora(y, x, A, B, group.offsets, layout)
+    torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
+    assert calls == ["add_lora_native", "add_lora_segment"]
+    calls.clear()
+    monkeypatch.setenv(native.BACKEND_ENV, "torch")
+    y = y0.clone()
+    add_lora(y, x, A, B, group.offsets, layout)
+    torch.testing.assert_close(y.double(), expected, atol=1e-4, rtol=1e-4)
+    assert calls == ["add_lora_ref"]
+    calls.clear()
+    monkeypatch.delenv(native.BACKEND_ENV)
+    add_lora(y0.clone(), x, A, B.contiguous(), group.offsets, layout)  # B not rank-major: the torch path
+    assert calls == ["add_lora_ref"]
+
+
+@needs_compiler
+def test_native_refuses_out_of_range_segments_and_writes_nothing():
+    group = GROUPS["o"]
+    A, B = native_weights(group, torch.float32)
+    x, y0 = make_acts(4, group, torch.float32)
+    for seg in (Segment(0, 2, MAX_LORAS, 1, 1.0),  # a slot past the buffers
+                Segment(0, 2, 0, MAX_RANK + 1, 1.0),  # a rank past the buffers
+                Segment(3, 2, 0, 1, 1.0)):  # rows past the batch
+        layout = LoraBatchLayout.from_segments(4, [Segment(2, 1, 1, 3, 1.0), seg])
+        y = y0.clone()
+        with pytest.raises(RuntimeError, match="out of range"):
+            lora_cpu.add_lora_native(y, x, A, B, group.offsets, layout, (0,), max_len=1000)
+        assert torch.equal(y, y0)
+    with pytest.raises(ValueError):
+        lora_cpu.add_lora_native(y0, x, A, B, (0, 40, 40), layout_for([0, 0, 1, 1]), (0,), max_len=8)

@@ -1,9 +1,12 @@
-"""Dispatcher of the batched LoRA ops: Triton for CUDA tensors, the torch reference otherwise.
+"""Dispatcher of the batched LoRA ops: Triton for CUDA tensors; on the CPU, `add_lora` runs the
+native kernel (lora_cpu.py) where it built, and the torch reference otherwise.
 
-`LORAGATE_LORA_BACKEND=triton|torch` forces a backend (tests use it to run the Triton kernels on
-CPU tensors under `TRITON_INTERPRET=1`). The variable is read on every call so a test can switch
-it; triton is imported lazily, so the package works where triton is not installed.
+`LORAGATE_LORA_BACKEND=triton|torch` forces Triton or not (tests use it to run the Triton kernels
+on CPU tensors under `TRITON_INTERPRET=1`); `LORAGATE_CPU_KERNELS=torch` turns the native CPU
+kernel off (see loragate.kernels.native). The variables are read on every call so a test can
+switch them; triton is imported lazily, so the package works where triton is not installed.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,11 +16,16 @@ from types import ModuleType
 
 import torch
 
+from loragate.kernels import lora_cpu
 from loragate.kernels.layout import LoraBatchLayout
-from loragate.kernels.lora_ref import add_lora_ref, lora_expand_ref, lora_shrink_ref
+from loragate.kernels.lora_ref import add_lora_ref, add_lora_segment, check_shapes, lora_expand_ref, lora_shrink_ref
 
 BACKEND_ENV = "LORAGATE_LORA_BACKEND"
 BACKENDS = ("torch", "triton")
+# Segments up to this many tokens go through the native CPU kernel (a token's few dot products
+# against its adapter's rows, read in place); longer ones, a prefill of one adapter, through two
+# matmuls that reuse A and B across the rows.
+NATIVE_MAX_LEN = 64
 
 
 @lru_cache(maxsize=1)
@@ -83,7 +91,15 @@ def add_lora(
     kernels compute them, which is harmless since untargeted slices of a slot are zero."""
     if layout.empty:
         return
-    if select_backend(y) == "triton":
+    backend = select_backend(y)
+    if backend == "triton":
         _triton_module().add_lora_triton(y, x, A, B, slice_offsets, layout)
-    else:
+    elif not lora_cpu.use_native(y, A, B):
         add_lora_ref(y, x, A, B, slice_offsets, layout, slices)
+    else:  # CPU: one native call for the short segments, matmuls for the long ones
+        check_shapes(x, y, A, B, slice_offsets, layout)
+        active = tuple(range(A.shape[1])) if slices is None else tuple(slices)
+        lora_cpu.add_lora_native(y, x, A, B, slice_offsets, layout, active, NATIVE_MAX_LEN)
+        for seg in layout.segments:
+            if seg.length > NATIVE_MAX_LEN:
+                add_lora_segment(y, x, A, B, slice_offsets, seg, active)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from loragate.kernels.layout import LoraBatchLayout
+from loragate.kernels.layout import LoraBatchLayout, Segment
 
 
 def check_shapes(
@@ -109,7 +109,8 @@ def add_lora_ref(
     layout: LoraBatchLayout,
     slices: Sequence[int] | None = None,
 ) -> None:
-    """Fused shrink+expand, the CPU serving path: never materialises the `[T, S, R]` tensor.
+    """Fused shrink+expand in torch ops, the CPU path where the native kernel (lora_cpu.py) is
+    unavailable and that kernel's test oracle: never materialises the `[T, S, R]` tensor.
 
     Per segment one matmul gives `[len, S*r]` for all slices, then one `addmm_` per slice adds its
     share into the view of y. Matmuls run in the activations' dtype (backends accumulate in fp32
@@ -118,24 +119,30 @@ def add_lora_ref(
     if layout.empty:
         return
     check_shapes(x, y, A, B, slice_offsets, layout)
-    S, in_dim = A.shape[1], A.shape[3]
-    active = tuple(range(S)) if slices is None else tuple(slices)
+    active = tuple(range(A.shape[1])) if slices is None else tuple(slices)
     plan = _gather_plan(layout, x.device)
     if plan is not None:
         _add_lora_gathered(y, x, A, B, slice_offsets, plan, active)
     for seg in layout.segments:
-        if plan is not None and seg.length <= GATHER_MAX_LEN:
-            continue
-        s, e, r, slot = seg.start, seg.start + seg.length, seg.rank, seg.slot
-        if r == 0 or s == e:
-            continue
-        a = A[slot, :, :r, :].reshape(S * r, in_dim)
-        t = torch.mm(x[s:e], a.t())  # [len, S*r]
-        y_seg = y[s:e]
-        for i in active:
-            o0, o1 = slice_offsets[i], slice_offsets[i + 1]
-            if o1 > o0:
-                y_seg[:, o0:o1].addmm_(t[:, i * r : (i + 1) * r], B[slot, o0:o1, :r].t(), alpha=seg.scale)
+        if plan is None or seg.length > GATHER_MAX_LEN:
+            add_lora_segment(y, x, A, B, slice_offsets, seg, active)
+
+
+def add_lora_segment(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                     slice_offsets: Sequence[int], seg: Segment, active: Sequence[int]) -> None:
+    """One segment's delta with two matmuls' worth of calls: the form for long segments (a
+    prefill of one adapter), where the matmuls reuse A and B across the segment's rows."""
+    s, e, r, slot = seg.start, seg.start + seg.length, seg.rank, seg.slot
+    if r == 0 or s == e:
+        return
+    S, in_dim = A.shape[1], A.shape[3]
+    a = A[slot, :, :r, :].reshape(S * r, in_dim)
+    t = torch.mm(x[s:e], a.t())  # [len, S*r]
+    y_seg = y[s:e]
+    for i in active:
+        o0, o1 = slice_offsets[i], slice_offsets[i + 1]
+        if o1 > o0:
+            y_seg[:, o0:o1].addmm_(t[:, i * r : (i + 1) * r], B[slot, o0:o1, :r].t(), alpha=seg.scale)
 
 
 # Short segments (decode tokens of many different adapters) are cheaper batched than looped:

@@ -81,10 +81,7 @@ class LoraWeights:
                 g: torch.zeros(max_loras, len(s.slice_out), max_rank, s.in_dim, device=device, dtype=dtype)
                 for g, s in specs.items()
             })
-            self.B.append({
-                g: torch.zeros(max_loras, s.out_dim, max_rank, device=device, dtype=dtype)
-                for g, s in specs.items()
-            })
+            self.B.append({g: self._b_buffer(max_loras, s.out_dim, max_rank) for g, s in specs.items()})
         self.slot_ranks: list[int] = [0] * max_loras
         self.slot_scales: list[float] = [0.0] * max_loras
         # (group, slice index) pairs each slot's adapter targets: a step skips the groups no
@@ -94,6 +91,14 @@ class LoraWeights:
         # outside it is zero, so replacing an adapter zeroes only its predecessor's rows instead of
         # the whole slot (~40 MB per slot on a 135M model at max rank 64)
         self._footprint: list[tuple[frozenset[str], int]] = [(frozenset(), 0)] * max_loras
+
+    def _b_buffer(self, max_loras: int, out_dim: int, max_rank: int) -> torch.Tensor:
+        """[max_loras, out_dim, max_rank]. On the CPU a view of a rank-major buffer: the native
+        kernel adds an adapter's B to the outputs one rank row (a contiguous vector) at a time
+        (loragate.kernels.lora_cpu). The Triton kernels read the plain layout."""
+        if self.device.type == "cpu":
+            return torch.zeros(max_loras, max_rank, out_dim, dtype=self.dtype).transpose(1, 2)
+        return torch.zeros(max_loras, out_dim, max_rank, device=self.device, dtype=self.dtype)
 
     def nbytes_per_slot(self) -> int:
         per = sum(t[0].numel() for t in self.A[0].values()) + sum(t[0].numel() for t in self.B[0].values())
