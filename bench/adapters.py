@@ -7,7 +7,8 @@ adapters (rank 8 on q_proj/v_proj — PEFT's default targets for Llama — unles
   (b) throughput of 32 concurrent streams (96 requests, 64 new tokens each) spread over 1, 10 and
       100 adapters, and the same load on the base model.
   (c) the same (b) workloads on HF PEFT (mixed-adapter batches via generate(adapter_names=...)).
-(b) runs base and every spread --rounds times, interleaved, and reports medians; PEFT runs once.
+(a) and (b) run every count and spread --rounds times, interleaved, and report medians; PEFT runs
+once.
 
     python bench/adapters.py [--counts 1 100 1000] [--spreads 1 10 100] [--rounds 3] [--skip-peft]
 """
@@ -139,7 +140,7 @@ def main() -> None:
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-latency", action="store_true", help="run only (b) and (c)")
     ap.add_argument("--rounds", type=int, default=3,
-                    help="(b): run base and every spread this many times, interleaved, and report medians "
+                    help="(a) and (b): run every count / spread this many times, interleaved, and report medians "
                          "(a shared VM's speed drifts by tens of percent within minutes)")
     args = ap.parse_args()
     base = smollm_checkpoint(args.dtype)
@@ -150,15 +151,23 @@ def main() -> None:
     print(f"# bench/adapters.py  {time.strftime('%Y-%m-%d')}  {machine()}  dtype={args.dtype}  "
           f"adapters: rank {args.rank} on {','.join(args.targets)}  (wrote/checked {n_all} in {time.perf_counter() - t:.1f}s)")
 
-    print("\n(a) latency, 70-token prompt + 10 new tokens, one request at a time")
-    print(f"{'adapters':>8} {'cold ms':>8} {'warm ms':>8} {'warm / 1-adapter':>17}")
-    first_warm = None
-    for n in ([] if args.skip_latency else args.counts):
-        engine = make_engine(base, adapters[:n], max_loras=16, dtype=args.dtype, device=args.device)
-        cold, warm = latency(engine, [p.name for p in adapters[:n]], args.samples, seed=n)
-        first_warm = first_warm or warm
-        print(f"{n:8d} {cold * 1e3:8.1f} {warm * 1e3:8.1f} {warm / first_warm:17.2f}", flush=True)
-        engine.shutdown()
+    print(f"\n(a) latency, 70-token prompt + 10 new tokens, one request at a time "
+          f"({args.rounds} interleaved rounds of {args.samples} samples; warm / 1-adapter is the median of the "
+          "per-round ratios)")
+    print(f"{'adapters':>8} {'cold ms':>8} {'warm ms':>8} {'warm / 1-adapter':>17}  per-round warm / 1-adapter")
+    counts = [] if args.skip_latency else args.counts
+    engines = {n: make_engine(base, adapters[:n], max_loras=16, dtype=args.dtype, device=args.device) for n in counts}
+    lat: dict[int, list[tuple[float, float]]] = {n: [] for n in counts}
+    for r in range(args.rounds):
+        for n in counts:
+            lat[n].append(latency(engines[n], [p.name for p in adapters[:n]], args.samples, seed=n + 7919 * r))
+    for n in counts:
+        engines[n].shutdown()
+        ratios = [w / w1 for (_, w), (_, w1) in zip(lat[n], lat[counts[0]])]
+        cold = statistics.median(c for c, _ in lat[n])
+        warm = statistics.median(w for _, w in lat[n])
+        print(f"{n:8d} {cold * 1e3:8.1f} {warm * 1e3:8.1f} {statistics.median(ratios):17.2f}  "
+              + " ".join(f"{x:.2f}" for x in ratios), flush=True)
 
     print(f"\n(b) throughput, {STREAMS} concurrent streams, {REQUESTS} requests x {NEW_TPUT} new tokens "
           f"(ours: median of {args.rounds} interleaved rounds; PEFT: one run)")

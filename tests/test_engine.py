@@ -155,3 +155,18 @@ def test_prompt_too_long_is_refused(base):
     with pytest.raises(PromptTooLongError):
         engine.add_request(request(list(range(3, 30)), max_tokens=10))
     assert not engine.has_work()
+
+
+def test_scheduler_keeps_queues_only_for_backlogged_clients(base, prompts):
+    """Per-step scheduling scans the clients' queues: with thousands of tenants or adapters seen
+    over a server's life, only those with something waiting may stay there."""
+    from dataclasses import replace
+
+    engine = make_engine(base)
+    reqs = [replace(request(p, max_tokens=3), tenant=f"tenant-{i}") for i, p in enumerate(prompts)]
+    for r in reqs:
+        engine.add_request(r)
+    assert len(engine.scheduler.queues) == len(reqs)
+    engine.step()  # everyone fits: all admitted at once
+    assert len(engine.scheduler.running) == len(reqs)
+    assert engine.scheduler.queues == {}

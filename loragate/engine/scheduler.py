@@ -139,6 +139,9 @@ class Scheduler:
         # 2. admission, fair across clients, only if nobody had to be preempted
         if not out.preempted:
             self._admit(out, budget)
+        # drop the queues of clients with nothing waiting, so that the per-step scans of the queues
+        # cost what the backlog is, not how many clients (adapters, tenants) were ever seen
+        self.queues = {c: q for c, q in self.queues.items() if q}
         out.scheduled.sort(key=lambda s: s.seq.slot)
         return out
 
