@@ -29,6 +29,18 @@ namespace {
 
 using namespace loragate;
 
+// scores[j] = exp(scores[j] - mx) for the row's maximum mx: the softmax's numerators; returns
+// their sum, the denominator.
+inline float exp_shifted(float* __restrict scores, int64_t n, float mx) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) {
+        scores[j] = exp_nonpositive(scores[j] - mx);
+        sum += scores[j];
+    }
+    return sum;
+}
+
 // One query head against n context rows: softmax(q . k_j) weighted sum of v_j into out_row.
 // Portable form, vectorised by the compiler over head_dim.
 template <class S>
@@ -47,12 +59,7 @@ inline void attend_head(const float* __restrict q_scaled, const typename S::T* k
         scores[j] = s;
         mx = s > mx ? s : mx;
     }
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; ++j) {
-        scores[j] = exp_nonpositive(scores[j] - mx);
-        sum += scores[j];
-    }
+    const float sum = exp_shifted(scores, n, mx);
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
     for (int64_t j = 0; j < n; ++j) {
@@ -91,12 +98,7 @@ inline void attend_head_avx512(const float* __restrict q_scaled, const typename 
         scores[j] = sj;
         mx = sj > mx ? sj : mx;
     }
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; ++j) {
-        scores[j] = exp_nonpositive(scores[j] - mx);
-        sum += scores[j];
-    }
+    const float sum = exp_shifted(scores, n, mx);
     for (int c = 0; c < kChunks; ++c) acc[c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
         const typename S::T* v = values + idx[j] * D;
