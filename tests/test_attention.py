@@ -14,7 +14,8 @@ from loragate.kernels import native
 from loragate.kernels.decode_attention import decode_attention_native
 from loragate.kernels.native import BACKEND_ENV
 
-needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler on this host")
+from native_marks import needs_compiler
+
 
 
 def reference(q: torch.Tensor, kv_cache: torch.Tensor, kv_index: list[torch.Tensor], scale: float) -> torch.Tensor:

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from loragate.kernels.native import BACKEND_ENV
+
+from native_marks import CPU_KERNEL_BACKENDS
 from engine_utils import hf_greedy, make_engine, random_prompts, request, run_to_completion, tokens
 
 
@@ -37,7 +39,7 @@ def staggered(prompts, **params):
     return reqs, {3 * (i // 2): reqs[i - i % 2: i - i % 2 + 2] for i in range(0, len(reqs), 2)}
 
 
-@pytest.mark.parametrize("cpu_kernels", ["native", "torch"])
+@pytest.mark.parametrize("cpu_kernels", CPU_KERNEL_BACKENDS)
 def test_batched_greedy_equals_transformers_alone(base, prompts, expected, cpu_kernels, monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, cpu_kernels)
     engine = make_engine(base)

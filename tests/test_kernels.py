@@ -436,7 +436,8 @@ def test_rewriting_a_slot_leaves_no_trace_of_its_previous_adapter():
 from loragate.kernels import lora as lora_dispatch  # noqa: E402
 from loragate.kernels import lora_cpu, native  # noqa: E402
 
-needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler on this host")
+from native_marks import needs_compiler  # noqa: E402
+
 ALL_SLICES = {name: tuple(range(len(g.slice_out))) for name, g in GROUPS.items()}
 
 

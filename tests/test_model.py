@@ -12,6 +12,8 @@ from loragate.engine.model.loader import fused_weights, read_tensors
 from loragate.kernels.native import BACKEND_ENV
 from loragate.testing import SHAPES
 
+from native_marks import CPU_KERNEL_BACKENDS
+
 SHAPE_NAMES = list(SHAPES)
 
 
@@ -60,7 +62,7 @@ def run_ours(cfg: ModelConfig, model: LlamaModel, ids: list[int], chunks: list[i
 
 
 @pytest.mark.parametrize("shape", SHAPE_NAMES)
-@pytest.mark.parametrize("cpu_kernels", ["native", "torch"])
+@pytest.mark.parametrize("cpu_kernels", CPU_KERNEL_BACKENDS)
 def test_prefill_and_decode_logits_match_transformers(checkpoints, shape, cpu_kernels, monkeypatch):
     """Each CPU backend: the native kernels (attention, norms, RoPE, SwiGLU; need a C++ compiler, as
     CI has) and the torch path."""

@@ -11,7 +11,9 @@ from loragate.engine.model.rope import RotaryEmbedding
 from loragate.kernels import native
 from loragate.kernels.elementwise import add_rms_norm_native, rope_native_, silu_mul_native
 
-pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler on this host")
+from native_marks import needs_compiler
+
+pytestmark = needs_compiler
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ROWS = [1, 7, 300]  # 300 rows x 576 is past the kernels' threshold for going parallel

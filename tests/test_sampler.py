@@ -23,6 +23,8 @@ from loragate.engine.sampler import (
 from loragate.engine.sampling_params import SamplingParams
 from loragate.kernels.native import BACKEND_ENV
 
+from native_marks import CPU_KERNEL_BACKENDS
+
 P_FLOOR = 1e-4  # loose enough that a correct sampler essentially never fails the chi-square test
 
 
@@ -58,7 +60,7 @@ def test_greedy_equals_argmax_on_fast_and_slow_paths():
     assert slow.token_ids == fast.token_ids
 
 
-@pytest.mark.parametrize("cpu_kernels", ["native", "torch"])
+@pytest.mark.parametrize("cpu_kernels", CPU_KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_first_argmax_is_torch_argmax_with_ties_and_non_finite_rows(dtype, cpu_kernels, monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, cpu_kernels)
