@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class NativeBuild:
 
 _builds: dict[str, NativeBuild] = {}
 _lock = threading.Lock()
+_name_locks: dict[str, threading.Lock] = {}
 
 
 def compiler() -> str | None:
@@ -119,6 +121,8 @@ def _build(name: str) -> NativeBuild:
 def load(name: str) -> NativeBuild:
     """The built library `csrc/<name>.cpp` (built on the first call in a process, then cached)."""
     with _lock:
+        name_lock = _name_locks.setdefault(name, threading.Lock())
+    with name_lock:  # one build per library at a time; different libraries build side by side
         build = _builds.get(name)
         if build is None:
             build = _builds[name] = _build(name)
@@ -128,13 +132,18 @@ def load(name: str) -> NativeBuild:
 
 
 def load_all() -> dict[str, NativeBuild]:
-    """Every kernel library of csrc/ (the engine builds them at start-up, not in its first step)."""
-    return {p.stem: load(p.stem) for p in sorted(CSRC.glob("*.cpp"))}
+    """Every kernel library of csrc/, built in parallel (the engine calls this at start-up, so no
+    step waits on a compiler)."""
+    names = [p.stem for p in sorted(CSRC.glob("*.cpp"))]
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        return dict(zip(names, pool.map(load, names)))
 
 
 def forget(name: str) -> None:
     """Drop the memo of `name` so the next `load` tries again (tests change the compiler)."""
     with _lock:
+        name_lock = _name_locks.setdefault(name, threading.Lock())
+    with name_lock:
         _builds.pop(name, None)
 
 
