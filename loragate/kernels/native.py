@@ -99,6 +99,7 @@ def _build(name: str) -> NativeBuild:
         key.update(b"\0")
     target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
     if not target.exists():
+        logger.info("compiling the native CPU kernel %s for this CPU (once; cached in %s)", name, target.parent)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             # build beside the target, then rename: processes that build at once never load a half-written file
