@@ -210,3 +210,20 @@ def test_failed_compile_is_reported(monkeypatch, tmp_path):
         assert not list((tmp_path / "cache" / "kernels").glob("*.so"))  # no half-built file left behind
     finally:
         native.forget("decode_attention")
+
+
+@needs_compiler
+def test_an_unwritable_cache_falls_back_to_a_temporary_dir(monkeypatch, tmp_path):
+    """A read-only home must not cost the native kernels: the build goes to a per-user temp dir."""
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.delenv(native.CACHE_ENV, raising=False)
+    monkeypatch.setattr(native, "cache_dir", lambda: blocker / "kernels")  # mkdir fails even as root
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    native.forget("decode_attention")
+    try:
+        build = native.load("decode_attention")
+        assert build.library is not None, build.error
+        assert build.path.parent.parent.parent == tmp_path / "tmp"
+    finally:
+        native.forget("decode_attention")

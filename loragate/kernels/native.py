@@ -16,6 +16,7 @@ when it built.
 from __future__ import annotations
 
 import ctypes
+import getpass
 import hashlib
 import logging
 import os
@@ -82,6 +83,38 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cache_dirs() -> list[Path]:
+    """Where a built library may live: the cache dir, then (unless one was named explicitly) a
+    per-user temporary dir, for hosts whose home is read-only."""
+    dirs = [cache_dir()]
+    if not os.environ.get(CACHE_ENV):
+        dirs.append(Path(tempfile.gettempdir()) / f"loragate-{getpass.getuser()}" / "kernels")
+    return dirs
+
+
+def _compile(cxx: str, source: Path, target: Path) -> tuple[str | None, bool]:
+    """Build `target`; returns (error or None, whether another directory might work)."""
+    logger.info("compiling the native CPU kernel %s for this CPU (once; cached in %s)", source.stem, target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # build beside the target, then rename: processes that build at once never load a half-written file
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+    except OSError as e:
+        return f"cannot write to {target.parent}: {e}", True
+    try:
+        proc = subprocess.run([cxx, *CXXFLAGS, "-o", tmp, str(source)], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            return f"compiling {source.name} failed: {proc.stderr.strip()[-2000:]}", False
+        os.replace(tmp, target)
+        return None, False
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"compiling {source.name} failed: {e}", False
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _build(name: str) -> NativeBuild:
     source = CSRC / f"{name}.cpp"
     cxx = compiler()
@@ -97,26 +130,20 @@ def _build(name: str) -> NativeBuild:
                  _cpu_signature().encode()):
         key.update(part)
         key.update(b"\0")
-    target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
-    if not target.exists():
-        logger.info("compiling the native CPU kernel %s for this CPU (once; cached in %s)", name, target.parent)
+    error = None
+    for directory in _cache_dirs():
+        target = directory / f"{name}-{key.hexdigest()[:16]}.so"
+        if not target.exists():
+            error, elsewhere = _compile(cxx, source, target)
+            if error is not None:
+                if elsewhere:
+                    continue
+                return NativeBuild(None, None, error)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # build beside the target, then rename: processes that build at once never load a half-written file
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-            os.close(fd)
-            proc = subprocess.run([cxx, *CXXFLAGS, "-o", tmp, str(source)], capture_output=True, text=True,
-                                  timeout=300)
-            if proc.returncode != 0:
-                os.unlink(tmp)
-                return NativeBuild(None, None, f"compiling {source.name} failed: {proc.stderr.strip()[-2000:]}")
-            os.replace(tmp, target)
-        except (OSError, subprocess.SubprocessError) as e:
-            return NativeBuild(None, None, f"compiling {source.name} failed: {e}")
-    try:
-        return NativeBuild(ctypes.CDLL(str(target)), target, None)
-    except OSError as e:
-        return NativeBuild(None, target, f"loading {target} failed: {e}")
+            return NativeBuild(ctypes.CDLL(str(target)), target, None)
+        except OSError as e:
+            return NativeBuild(None, target, f"loading {target} failed: {e}")
+    return NativeBuild(None, None, error)
 
 
 def load(name: str) -> NativeBuild:
