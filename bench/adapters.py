@@ -7,8 +7,8 @@ adapters (rank 8 on q_proj/v_proj — PEFT's default targets for Llama — unles
   (b) throughput of 32 concurrent streams (96 requests, 64 new tokens each) spread over 1, 10 and
       100 adapters, and the same load on the base model.
   (c) the same (b) workloads on HF PEFT (mixed-adapter batches via generate(adapter_names=...)).
-(a) and (b) run every count and spread --rounds times, interleaved, and report medians; PEFT runs
-once.
+(a) alternates the adapter counts request by request (--samples x --rounds samples each); (b) runs
+base and every spread --rounds times, interleaved; both report medians; PEFT runs once.
 
     python bench/adapters.py [--counts 1 100 1000] [--spreads 1 10 100] [--rounds 3] [--skip-peft]
 """
@@ -62,20 +62,14 @@ def run_one(engine: Engine, req: EngineRequest) -> float:
     return time.perf_counter() - t
 
 
-def latency(engine: Engine, names: list[str], samples: int, seed: int) -> tuple[float, float]:
-    """Median cold and warm latency (seconds) over `samples` random adapters."""
-    rng = random.Random(seed)
+def cold_and_warm(engine: Engine, name: str, i: int) -> tuple[float, float]:
+    """Seconds of two identical requests on adapter `name`, back to back: the first loads it
+    (unless it is resident already), the second finds it in its slot."""
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=NEW_LAT, temperature=0.0, ignore_eos=True)
-    cold, warm = [], []
-    picks = rng.sample(names, min(samples, len(names))) if len(names) > 1 else names * samples
-    for i, name in enumerate(picks):
-        for bucket in (cold, warm):
-            req = EngineRequest(uuid.uuid4().hex, prompt(vocab, i), params, adapter=name)
-            bucket.append(run_one(engine, req))
-    if len(names) == 1:  # a single adapter is only cold the first time
-        cold = cold[:1]
-    return statistics.median(cold), statistics.median(warm)
+    first, second = (run_one(engine, EngineRequest(uuid.uuid4().hex, prompt(vocab, i), params, adapter=name))
+                     for _ in range(2))
+    return first, second
 
 
 def throughput(engine: Engine, names: list[str | None]) -> float:
@@ -139,8 +133,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-latency", action="store_true", help="run only (b) and (c)")
+    ap.add_argument("--skip-throughput", action="store_true", help="run only (a)")
     ap.add_argument("--rounds", type=int, default=3,
-                    help="(a) and (b): run every count / spread this many times, interleaved, and report medians "
+                    help="(b): run base and every spread this many times, interleaved, and report medians "
                          "(a shared VM's speed drifts by tens of percent within minutes)")
     args = ap.parse_args()
     base = smollm_checkpoint(args.dtype)
@@ -151,24 +146,30 @@ def main() -> None:
     print(f"# bench/adapters.py  {time.strftime('%Y-%m-%d')}  {machine()}  dtype={args.dtype}  "
           f"adapters: rank {args.rank} on {','.join(args.targets)}  (wrote/checked {n_all} in {time.perf_counter() - t:.1f}s)")
 
-    print(f"\n(a) latency, 70-token prompt + 10 new tokens, one request at a time "
-          f"({args.rounds} interleaved rounds of {args.samples} samples; warm / 1-adapter is the median of the "
-          "per-round ratios)")
-    print(f"{'adapters':>8} {'cold ms':>8} {'warm ms':>8} {'warm / 1-adapter':>17}  per-round warm / 1-adapter")
+    print(f"\n(a) latency, 70-token prompt + 10 new tokens, one request at a time; the adapter counts take "
+          f"turns sample by sample ({args.samples * args.rounds} samples); warm / 1-adapter is the median of the "
+          "per-sample ratios")
+    print(f"{'adapters':>8} {'cold ms':>8} {'warm ms':>8} {'warm / 1-adapter':>17}")
     counts = [] if args.skip_latency else args.counts
     engines = {n: make_engine(base, adapters[:n], max_loras=16, dtype=args.dtype, device=args.device) for n in counts}
+    total = args.samples * args.rounds
+    picks = {n: (random.Random(n).sample([p.name for p in adapters[:n]], min(total, n)) * total)[:total]
+             for n in counts}
     lat: dict[int, list[tuple[float, float]]] = {n: [] for n in counts}
-    for r in range(args.rounds):
+    for i in range(total):  # alternating counts request by request: the VM's drift hits them alike
         for n in counts:
-            lat[n].append(latency(engines[n], [p.name for p in adapters[:n]], args.samples, seed=n + 7919 * r))
+            lat[n].append(cold_and_warm(engines[n], picks[n][i], i))
     for n in counts:
         engines[n].shutdown()
-        ratios = [w / w1 for (_, w), (_, w1) in zip(lat[n], lat[counts[0]])]
-        cold = statistics.median(c for c, _ in lat[n])
-        warm = statistics.median(w for _, w in lat[n])
-        print(f"{n:8d} {cold * 1e3:8.1f} {warm * 1e3:8.1f} {statistics.median(ratios):17.2f}  "
-              + " ".join(f"{x:.2f}" for x in ratios), flush=True)
+        # with one adapter only the very first request is cold
+        colds = [lat[n][0][0]] if n == 1 else [c for c, _ in lat[n]]
+        warms = [w for _, w in lat[n]]
+        ratio = statistics.median(w / w1 for (_, w), (_, w1) in zip(lat[n], lat[counts[0]]))
+        print(f"{n:8d} {statistics.median(colds) * 1e3:8.1f} {statistics.median(warms) * 1e3:8.1f} {ratio:17.2f}",
+              flush=True)
 
+    if args.skip_throughput:
+        return
     print(f"\n(b) throughput, {STREAMS} concurrent streams, {REQUESTS} requests x {NEW_TPUT} new tokens "
           f"(ours: median of {args.rounds} interleaved rounds; PEFT: one run)")
     print(f"{'spread':>8} {'ours tok/s':>11} {'vs base':>8} {'peft tok/s':>11} {'ours/peft':>10}  per-round vs base")
