@@ -77,22 +77,28 @@ def paged_attention(
     kv_cache: torch.Tensor,  # [2*Hk, slots, D]: keys, then values
     meta: AttentionMetadata,
     scale: float,
+    native: bool | None = None,
 ) -> torch.Tensor:
-    """Write this step's k/v into the cache, then attend. Returns [T, Hq*D]."""
+    """Write this step's k/v into the cache, then attend. Returns [T, Hq*D]. `native`: whether
+    decodes run the native CPU kernel (the model decides once a step; None: decide here)."""
     T, Hq, D = q.shape
     Hk = kv.shape[1] // 2
     group = Hq // Hk
     decodes = meta.decode_rows is not None and meta.decode_rows.numel() > 0
-    if decodes and not meta.prefills and meta.decode_lens is not None and use_native(q):
+    if native is None:
+        native = use_native(q)
+    native = native and meta.decode_lens is not None
+    if decodes and not meta.prefills and native:
         # the steady state on the CPU: the write and the attention are one native call
         return decode_attention_native(q, kv_cache, meta.decode_kv_index, meta.decode_lens, scale, kv,
                                        meta.slot_mapping).view(T, Hq * D)
     write_kv(kv_cache, meta.slot_mapping, kv)
+    attend = decode_attention_native_meta if native else decode_attention_torch
     if decodes and not meta.prefills:  # a pure decode step: rows are in order
-        return decode_attention(q, kv_cache, meta, scale).view(T, Hq * D)
+        return attend(q, kv_cache, meta, scale).view(T, Hq * D)
     out = torch.empty_like(q)
     if decodes:
-        decoded = decode_attention(q.index_select(0, meta.decode_rows), kv_cache, meta, scale)
+        decoded = attend(q.index_select(0, meta.decode_rows), kv_cache, meta, scale)
         out.index_copy_(0, meta.decode_rows, decoded)
     for chunk in meta.prefills:
         # 4-D inputs with KV heads repeated up to the query heads: with 3-D or GQA inputs the CPU
@@ -128,8 +134,13 @@ def decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMet
     """One query per sequence against its paged context: [B, Hq, D] -> [B, Hq, D]. On the CPU the
     fused native kernel (loragate.kernels.decode_attention) when it built, else the torch path."""
     if meta.decode_lens is not None and use_native(q):
-        return decode_attention_native(q, kv_cache, meta.decode_kv_index, meta.decode_lens, scale)
+        return decode_attention_native_meta(q, kv_cache, meta, scale)
     return decode_attention_torch(q, kv_cache, meta, scale)
+
+
+def decode_attention_native_meta(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                                 scale: float) -> torch.Tensor:
+    return decode_attention_native(q, kv_cache, meta.decode_kv_index, meta.decode_lens, scale)
 
 
 def decode_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -19,6 +19,7 @@ from loragate.engine.model.lora import LoraWeights, group_specs
 from loragate.engine.model.norm import RMSNorm
 from loragate.engine.model.rope import RotaryEmbedding
 from loragate.kernels import add_lora
+from loragate.kernels.decode_attention import use_native as use_native_attention
 from loragate.kernels.elementwise import silu_mul_native
 from loragate.kernels.elementwise import use_native as use_native_elementwise
 from loragate.kernels.layout import LoraBatchLayout
@@ -126,6 +127,7 @@ class LlamaModel:
         h = F.embedding(batch.input_ids, self.embed)  # the residual stream, updated in place below
         # one backend for the step's row-wise ops: the native CPU kernels when they built, else torch
         native = use_native_elementwise(h)
+        native_attention = use_native_attention(h)
         cos_sin = None if native else self.rope.lookup(batch.positions)
         x = self.layers[0].input_norm(h, native)
         for i, lw in enumerate(self.layers):
@@ -135,7 +137,7 @@ class LlamaModel:
                              batch.positions, cos_sin, native)
             q = qkv[:, : cfg.q_size].view(T, cfg.num_heads, cfg.head_dim)
             kv = qkv[:, cfg.q_size:].view(T, 2 * cfg.num_kv_heads, cfg.head_dim)
-            attn = paged_attention(q, kv, kv_caches[i], batch.attn, self.scale)
+            attn = paged_attention(q, kv, kv_caches[i], batch.attn, self.scale, native_attention)
             x = lw.post_norm.add_(h, self._proj(attn, lw.o, i, "o", layout), native)
             gu = self._proj(x, lw.gate_up, i, "gate_up", layout)
             down = self._proj(swiglu(gu, native), lw.down, i, "down", layout)
