@@ -1,7 +1,10 @@
-"""Batched multi-adapter LoRA ops: pure functions on tensors (imports nothing from engine/gateway).
+"""Kernels: pure functions on tensors (imports nothing from engine/gateway).
 
-`add_lora` is what the model calls per projection group; `lora_shrink`/`lora_expand` are its two
-halves. Each dispatches to Triton (CUDA) or the torch reference (CPU); see `lora.py`.
+Batched multi-adapter LoRA: `add_lora` is what the model calls per projection group;
+`lora_shrink`/`lora_expand` are its two halves. They dispatch to Triton on CUDA and, on the CPU,
+to a native kernel (`lora_cpu`) or the torch reference (`lora_ref`); see `lora.py`.
+The CPU's native decode attention (`decode_attention`) and row-wise ops (`elementwise`) live here
+too, C++ in `csrc/` built by `native`; their torch references are the engine's own torch forms.
 """
 from loragate.kernels.layout import LoraBatchLayout, Segment
 from loragate.kernels.lora import (

@@ -1,4 +1,5 @@
-"""Torch reference of the batched multi-adapter LoRA ops: the CPU serving path and the test oracle.
+"""Torch reference of the batched multi-adapter LoRA ops: the test oracle, and the CPU path for long
+segments and wherever the native kernel (lora_cpu.py) is unavailable.
 
 Because the layout keeps each adapter's tokens contiguous, every segment is a plain slice of the
 batch (`x[start:start + length]`, a view), so each segment costs one matmul for the shrink (all
