@@ -1,12 +1,14 @@
-"""RMSNorm, with the CPU computing it through torch's fused LayerNorm kernel.
+"""RMSNorm (with the residual add before it as one step), on the CPU by the native kernel when it
+built (loragate.kernels.elementwise: add and norm in one pass), else through torch's fused
+LayerNorm kernel as below; CUDA has a fused rms_norm kernel and uses it.
 
-torch's `rms_norm` is a composite on the CPU: about ten small kernels per call (upcast, square,
-mean, add, rsqrt, multiply, downcast, weight), and a decode step of a 30-layer model makes 61
-calls, where per-call overhead is what a CPU decode step is made of. The row [x, -x] has mean
-exactly 0 and variance mean(x^2), so LayerNorm over it is x / sqrt(mean(x^2) + eps) in its first
-half: one copy plus one fused, vectorised kernel that also applies the weight (the second half is
-multiplied by zeros and never read). The result equals torch's rms_norm bit for bit in bf16 and
-to fp32 rounding in fp32 (tested). CUDA has a fused rms_norm kernel and uses it.
+The torch form: torch's `rms_norm` is a composite on the CPU: about ten small kernels per call
+(upcast, square, mean, add, rsqrt, multiply, downcast, weight), and a decode step of a 30-layer
+model makes 61 calls, where per-call overhead is what a CPU decode step is made of. The row [x, -x]
+has mean exactly 0 and variance mean(x^2), so LayerNorm over it is x / sqrt(mean(x^2) + eps) in its
+first half: one copy plus one fused, vectorised kernel that also applies the weight (the second
+half is multiplied by zeros and never read). The result equals torch's rms_norm bit for bit in bf16
+and to fp32 rounding in fp32 (tested).
 """
 from __future__ import annotations
 
