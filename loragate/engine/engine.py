@@ -17,7 +17,6 @@ from loragate.engine.adapters.peft_loader import BaseModelInfo
 from loragate.engine.adapters.registry import AdapterRegistry
 from loragate.engine.config import EngineConfig
 from loragate.engine.cpu_alloc import tune_malloc
-from loragate.kernels import native
 from loragate.engine.detokenizer import TextStream
 from loragate.engine.errors import AdapterNotFoundError, PromptTooLongError
 from loragate.engine.fairness import make_policy
@@ -32,6 +31,7 @@ from loragate.engine.sampler import Sampler, SampleRow, make_generator
 from loragate.engine.scheduler import Scheduler
 from loragate.engine.sequence import Sequence, SeqState
 from loragate.engine.tokenizer import Tokenizer
+from loragate.kernels import native
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":

@@ -24,14 +24,10 @@ _SIGNATURES = {
     "loragate_rope": [_N, _P, _I, _I, _I, _I, _P, _P, _P, _I, _N],
     "loragate_argmax_rows": [_N, _P, _I, _I, _I, _P, _N],
 }
-_functions: dict[str, ctypes._CFuncPtr] = {}
 
 
 def _fn(symbol: str) -> ctypes._CFuncPtr:
-    fn = _functions.get(symbol)
-    if fn is None:
-        fn = _functions[symbol] = native.function(LIBRARY, symbol, _SIGNATURES[symbol])
-    return fn
+    return native.function(LIBRARY, symbol, _SIGNATURES[symbol])
 
 
 def use_native(x: torch.Tensor) -> bool:

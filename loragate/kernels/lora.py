@@ -6,7 +6,6 @@ on CPU tensors under `TRITON_INTERPRET=1`); `LORAGATE_CPU_KERNELS=torch` turns t
 kernel off (see loragate.kernels.native). The variables are read on every call so a test can
 switch them; triton is imported lazily, so the package works where triton is not installed.
 """
-
 from __future__ import annotations
 
 import os

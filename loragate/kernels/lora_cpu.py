@@ -23,7 +23,6 @@ LIBRARY = "lora"
 MAX_RANK = 256  # the kernel's per-token buffer
 _I, _P, _N = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 _ARGTYPES = [_N, _P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _I, _P, _P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _N]
-_function: list[ctypes._CFuncPtr] = []
 
 
 def rank_major(B: torch.Tensor) -> bool:
@@ -64,10 +63,8 @@ def add_lora_native(
             or layout.num_tokens != T or layout.seg_starts.dtype != torch.int32):
         raise ValueError("add_lora_native: CPU tensors of one dtype, y [T, N], x [T, in], contiguous "
                          "A [slots, S, R, in], B [slots, N, R] rank-major, S + 1 slice offsets")
-    if not _function:
-        _function.append(native.function(LIBRARY, "loragate_add_lora", _ARGTYPES))
     offsets, act = _int64s(tuple(slice_offsets)), _int64s(tuple(active))
-    rc = _function[0](code, y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), A.data_ptr(), B.data_ptr(), slots,
+    rc = native.function(LIBRARY, "loragate_add_lora", _ARGTYPES)(code, y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), A.data_ptr(), B.data_ptr(), slots,
                       S, R, in_dim, N, offsets.data_ptr(), act.data_ptr(), act.numel(), layout.seg_starts.data_ptr(),
                       layout.seg_lens.data_ptr(), layout.seg_slots.data_ptr(), layout.seg_ranks.data_ptr(),
                       layout.seg_scales.data_ptr(), len(layout.segments), max_len, T, torch.get_num_threads())

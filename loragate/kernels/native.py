@@ -56,6 +56,7 @@ class NativeBuild:
 _builds: dict[str, NativeBuild] = {}
 _lock = threading.Lock()
 _name_locks: dict[str, threading.Lock] = {}
+_functions: dict[tuple[str, str], ctypes._CFuncPtr] = {}
 
 
 def compiler() -> str | None:
@@ -173,6 +174,8 @@ def forget(name: str) -> None:
         name_lock = _name_locks.setdefault(name, threading.Lock())
     with name_lock:
         _builds.pop(name, None)
+        for key in [k for k in _functions if k[0] == name]:
+            del _functions[key]
 
 
 def use_native(tensor: torch.Tensor, name: str) -> bool:
@@ -190,14 +193,17 @@ def use_native(tensor: torch.Tensor, name: str) -> bool:
 
 
 def function(name: str, symbol: str, argtypes: list) -> ctypes._CFuncPtr:
-    """`symbol` of library `name` with its C signature set (int return); the library must have built."""
-    lib = load(name).library
-    if lib is None:
-        raise RuntimeError(f"the native kernel {name} is unavailable: {load(name).error}")
-    fn = getattr(lib, symbol)
-    if fn.argtypes is None:
+    """`symbol` of library `name` with its C signature set (int return); the library must have
+    built. Memoised: the wrappers call this on every kernel call, where it is one dict lookup."""
+    fn = _functions.get((name, symbol))
+    if fn is None:
+        lib = load(name).library
+        if lib is None:
+            raise RuntimeError(f"the native kernel {name} is unavailable: {load(name).error}")
+        fn = getattr(lib, symbol)
         fn.argtypes = argtypes
         fn.restype = ctypes.c_int
+        _functions[(name, symbol)] = fn
     return fn
 
 

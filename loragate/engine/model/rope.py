@@ -49,13 +49,14 @@ class RotaryEmbedding:
         inv = inv_frequencies(head_dim, theta, scaling).to(torch.float32)
         pos = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(pos, inv)
-        self.cos = torch.cat([freqs.cos(), freqs.cos()], dim=-1).to(device=device, dtype=dtype)
-        self.signed_sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1).to(device=device, dtype=dtype)
-        self.half = head_dim // 2
-        # [max_positions, D/2] tables in the model dtype (as transformers casts cos and sin) for
-        # the native CPU kernel, which reads both halves' factors from one row
+        # [max_positions, D/2] tables in the model dtype (as transformers casts cos and sin): the
+        # native CPU kernel reads both halves' factors from one row; the torch form uses them
+        # widened to D (casting and negating commute, so these equal HF's full-width tables)
         self.cos_half = freqs.cos().to(device=device, dtype=dtype).contiguous()
         self.sin_half = freqs.sin().to(device=device, dtype=dtype).contiguous()
+        self.cos = torch.cat([self.cos_half, self.cos_half], dim=-1)
+        self.signed_sin = torch.cat([-self.sin_half, self.sin_half], dim=-1)
+        self.half = head_dim // 2
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, signed sin [T, 1, D] for the tokens' positions: once per step, shared by all layers."""
