@@ -70,15 +70,15 @@ def _column_index(n: int) -> torch.Tensor:
 def first_argmax(logits: torch.Tensor) -> list[int]:
     """Index of each row's first maximum (torch.argmax's answer), fast on the CPU.
 
-    Where the native CPU kernels built, one vectorised pass over each row (measured ~6x faster
-    than the torch form below at [32, 49152] bf16). The torch form: on the CPU, index-returning
-    reductions over a [B, 49k] bf16 tensor are scalar loops (about 1.2 ms at B=32, a fortieth of
-    a decode step), while plain arithmetic and value reductions vectorise. So: widen once, subtract the row max in place, sign() marks the maxima 0 and the
-    rest -1, and the smallest of `index - sign * 2^24` is the first maximum (index < 2^24, so the
-    float32 sums stay exact and every non-maximum lands above every maximum). Measured ~2.3x
-    faster. A row whose maximum is not finite (nan, +inf) falls back to torch's own answer: the
-    subtraction would give nan there, and the CPU's vectorised sign() maps nan to 0. Other
-    devices have fast argmax kernels and use them.
+    Where the native CPU kernels built, one vectorised pass over each row (measured ~6x faster than
+    the torch form below at [32, 49152] bf16). The torch form: on the CPU, index-returning
+    reductions over a [B, 49k] bf16 tensor are scalar loops (about 1.2 ms at B=32, a fortieth of a
+    decode step), while plain arithmetic and value reductions vectorise. So: widen once, subtract
+    the row max in place, sign() marks the maxima 0 and the rest -1, and the smallest of
+    `index - sign * 2^24` is the first maximum (index < 2^24, so the float32 sums stay exact and
+    every non-maximum lands above every maximum). Measured ~2.3x faster. A row whose maximum is not finite
+    (nan, +inf) falls back to torch's own answer: the subtraction would give nan there, and the
+    CPU's vectorised sign() maps nan to 0. Other devices have fast argmax kernels and use them.
     """
     if logits.device.type != "cpu" or logits.shape[-1] >= 1 << 24:
         return logits.argmax(dim=-1).tolist()

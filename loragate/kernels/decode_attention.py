@@ -68,10 +68,12 @@ def decode_attention_native(
                 or new_kv.stride(1) != D or slot_mapping is None or slot_mapping.dtype != torch.int64
                 or slot_mapping.shape != (new_kv.shape[0],) or slot_mapping.stride(0) != 1):
             raise ValueError("new_kv must be [T, 2*Hk, D] with contiguous heads, slot_mapping a contiguous int64 [T]")
-        num_new, new_ptr, new_stride, slots_ptr = new_kv.shape[0], new_kv.data_ptr(), new_kv.stride(0), slot_mapping.data_ptr()
+        num_new, new_ptr, new_stride = new_kv.shape[0], new_kv.data_ptr(), new_kv.stride(0)
+        slots_ptr = slot_mapping.data_ptr()
     out = torch.empty(B, Hq, D, dtype=q.dtype)
-    rc = native.function(LIBRARY, "loragate_decode_attention", _ARGTYPES)(code, q.data_ptr(), q.stride(0), kv_cache.data_ptr(), num_slots, new_ptr, new_stride, slots_ptr,
-                      num_new, kv_index.data_ptr(), kv_index.stride(0), lens.data_ptr(), out.data_ptr(), B, Hq,
-                      Hk2 // 2, D, scale, torch.get_num_threads())
+    fn = native.function(LIBRARY, "loragate_decode_attention", _ARGTYPES)
+    rc = fn(code, q.data_ptr(), q.stride(0), kv_cache.data_ptr(), num_slots, new_ptr, new_stride, slots_ptr, num_new,
+            kv_index.data_ptr(), kv_index.stride(0), lens.data_ptr(), out.data_ptr(), B, Hq, Hk2 // 2, D, scale,
+            torch.get_num_threads())
     native.check(rc, "decode attention")
     return out

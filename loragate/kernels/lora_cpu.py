@@ -2,11 +2,11 @@
 (csrc/lora.cpp): every short segment's tokens read their adapter's A and B rows in place.
 
 B is read rank-major (`rank_major`): a rank row of an adapter's B is then one vector over the
-outputs, and the expand is `rank` vector multiply-adds. Computes what `lora_ref.add_lora_ref` computes (the rank-r intermediate rounded to the activations'
-dtype, the delta summed in float32 and added with one rounding) for segments of at most
-`max_len` tokens; longer ones (a prefill of one adapter) are left to the caller's matmuls, which
-reuse A and B across rows. The backend is chosen by `loragate.kernels.native.use_native`
-(`LORAGATE_CPU_KERNELS`).
+outputs, and the expand is `rank` vector multiply-adds. Computes what `lora_ref.add_lora_ref`
+computes (the rank-r intermediate rounded to the activations' dtype, the delta summed in float32 and
+added with one rounding) for segments of at most `max_len` tokens; longer ones (a prefill of one
+adapter) are left to the caller's matmuls, which reuse A and B across rows. The backend is chosen by
+`loragate.kernels.native.use_native` (`LORAGATE_CPU_KERNELS`).
 """
 from __future__ import annotations
 
@@ -64,8 +64,9 @@ def add_lora_native(
         raise ValueError("add_lora_native: CPU tensors of one dtype, y [T, N], x [T, in], contiguous "
                          "A [slots, S, R, in], B [slots, N, R] rank-major, S + 1 slice offsets")
     offsets, act = _int64s(tuple(slice_offsets)), _int64s(tuple(active))
-    rc = native.function(LIBRARY, "loragate_add_lora", _ARGTYPES)(code, y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), A.data_ptr(), B.data_ptr(), slots,
-                      S, R, in_dim, N, offsets.data_ptr(), act.data_ptr(), act.numel(), layout.seg_starts.data_ptr(),
-                      layout.seg_lens.data_ptr(), layout.seg_slots.data_ptr(), layout.seg_ranks.data_ptr(),
-                      layout.seg_scales.data_ptr(), len(layout.segments), max_len, T, torch.get_num_threads())
+    fn = native.function(LIBRARY, "loragate_add_lora", _ARGTYPES)
+    rc = fn(code, y.data_ptr(), y.stride(0), x.data_ptr(), x.stride(0), A.data_ptr(), B.data_ptr(), slots, S, R,
+            in_dim, N, offsets.data_ptr(), act.data_ptr(), act.numel(), layout.seg_starts.data_ptr(),
+            layout.seg_lens.data_ptr(), layout.seg_slots.data_ptr(), layout.seg_ranks.data_ptr(),
+            layout.seg_scales.data_ptr(), len(layout.segments), max_len, T, torch.get_num_threads())
     native.check(rc, "add_lora")
