@@ -13,11 +13,11 @@ from fastapi import FastAPI
 
 from loragate import __version__
 from loragate.gateway.auth import KeyStore
+from loragate.gateway.context import GatewayContext
 from loragate.gateway.errors import install_error_handlers
 from loragate.gateway.metrics import GatewayMetrics
 from loragate.gateway.middleware import RequestLogMiddleware
 from loragate.gateway.routes import adapters, chat, completions, health, metrics, models
-from loragate.gateway.service import GatewayContext
 from loragate.gateway.settings import GatewaySettings
 
 

@@ -14,9 +14,9 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from loragate.gateway.context import RequestRecord
 from loragate.gateway.errors import internal_error
 from loragate.gateway.metrics import GatewayMetrics
-from loragate.gateway.service import RequestRecord
 
 log = logging.getLogger("loragate.gateway")
 

@@ -8,9 +8,14 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Request
 
 from loragate.gateway.auth import Principal
-from loragate.gateway.errors import APIError, bad_request, from_engine_error, model_not_found
+from loragate.gateway.context import authenticate, get_ctx, parse_body
+from loragate.gateway.errors import (
+    APIError,
+    bad_request,
+    from_engine_error,
+    model_not_found,
+)
 from loragate.gateway.protocol import RegisterAdapterRequest
-from loragate.gateway.service import authenticate, get_ctx, parse_body
 
 router = APIRouter()
 

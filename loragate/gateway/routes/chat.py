@@ -7,8 +7,10 @@ from fastapi import APIRouter, Depends, Request
 
 from loragate.engine.outputs import EngineRequest
 from loragate.gateway.auth import Principal
+from loragate.gateway.context import authenticate, get_ctx, get_record, parse_body
 from loragate.gateway.errors import APIError, bad_request
 from loragate.gateway.formatting import ChoiceState, chat_logprobs, usage
+from loragate.gateway.generation import Generation, collect, sse_events
 from loragate.gateway.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -18,20 +20,8 @@ from loragate.gateway.protocol import (
     ChatDelta,
     ChatResponseMessage,
 )
-from loragate.gateway.service import (
-    Generation,
-    collect,
-    sse_events,
-    authenticate,
-    check_context,
-    get_ctx,
-    get_record,
-    parse_body,
-    reject_unsupported,
-    resolve_model,
-    sampling_params,
-    with_seed,
-)
+from loragate.gateway.routing import check_context, resolve_model
+from loragate.gateway.sampling import reject_unsupported, sampling_params, with_seed
 from loragate.gateway.streaming import SSEResponse, sse
 
 router = APIRouter()

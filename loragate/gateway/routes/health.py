@@ -4,7 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from loragate.gateway.service import get_ctx
+from loragate.gateway.context import get_ctx
 
 router = APIRouter()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from loragate.gateway.service import get_ctx
+from loragate.gateway.context import get_ctx
 
 router = APIRouter()
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from loragate.gateway.auth import Principal
+from loragate.gateway.context import authenticate, get_ctx
 from loragate.gateway.errors import model_not_found
 from loragate.gateway.protocol import ModelCard, ModelList
-from loragate.gateway.service import authenticate, get_ctx, resolve_model
+from loragate.gateway.routing import resolve_model
 
 router = APIRouter()
 

@@ -1,173 +1,25 @@
-"""What the chat and completions routes share: the app context, authentication, body parsing,
-model routing, sampling parameters, and `Generation`, which runs n engine requests and streams
-their outputs while observing metrics.
-
-Routes stay thin: parse -> resolve -> tokenize -> `Generation` -> format.
-"""
+"""`Generation` runs a response's n engine requests and streams their outputs while observing
+metrics; `collect` and `sse_events` turn them into a whole response or an OpenAI SSE stream, with
+errors mapped to API errors and client disconnects aborting the engine work."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, suppress
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 from fastapi import Request
-from pydantic import BaseModel
 
 from loragate.engine.outputs import EngineRequest, RequestOutput
-from loragate.engine.sampling_params import SamplingParams
-from loragate.gateway.auth import KeyStore, Principal
-from loragate.gateway.errors import APIError, bad_request, from_engine_error, internal_error, model_not_found
-from loragate.gateway.metrics import GatewayMetrics
-from loragate.gateway.settings import GatewaySettings
+from loragate.gateway.context import GatewayContext, RequestRecord
+from loragate.gateway.errors import APIError, from_engine_error, internal_error
+from loragate.gateway.routing import ModelTarget
 from loragate.gateway.streaming import DONE, sse
 
-M = TypeVar("M", bound=BaseModel)
 log = logging.getLogger("loragate.gateway")
-
-
-@dataclass
-class RequestRecord:
-    """Filled in by routes, read by the logging middleware: one log line per request."""
-
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
-    start: float = field(default_factory=time.monotonic)
-    model: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    counted: bool = False  # an inference request: counted in loragate_requests
-    outcome: str | None = None  # overrides the HTTP status for streams (aborted | error)
-
-
-@dataclass
-class GatewayContext:
-    engine: Any
-    settings: GatewaySettings
-    keys: KeyStore
-    metrics: GatewayMetrics
-    inflight: int = 0
-
-
-def get_ctx(request: Request) -> GatewayContext:
-    return request.app.state.ctx
-
-
-def get_record(request: Request) -> RequestRecord:
-    rec = getattr(request.state, "record", None)
-    if rec is None:  # app used without the middleware (e.g. mounted elsewhere)
-        rec = RequestRecord()
-        request.state.record = rec
-    return rec
-
-
-def authenticate(request: Request) -> Principal:
-    """FastAPI dependency: runs before the body is read, so a bad key is 401 whatever the body."""
-    return get_ctx(request).keys.authenticate(request.headers.get("authorization"))
-
-
-async def parse_body(request: Request, model: type[M]) -> M:
-    """Parse JSON ourselves so auth runs first and malformed JSON is a 400 in the OpenAI shape."""
-    raw = await request.body()
-    if not raw:
-        raise bad_request("request body is required")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"invalid JSON body: {exc}") from None
-    if not isinstance(data, dict):
-        raise bad_request("request body must be a JSON object")
-    return model.model_validate(data)  # ValidationError -> 400 by the installed handler
-
-
-def reject_unsupported(fields: list[tuple[str, str]]) -> None:
-    if fields:
-        param, what = fields[0]
-        raise APIError(400, f"{what} is not supported by this server", "invalid_request_error", param,
-                       "unsupported_parameter")
-
-
-@dataclass(frozen=True)
-class ModelTarget:
-    requested: str  # echoed back in responses
-    adapter: str | None  # None = the base model
-    label: str  # metrics label
-
-
-def resolve_model(engine, principal: Principal, name: str) -> ModelTarget:
-    """`name` is the base's served name, an adapter name, or `BASE:ADAPTER`. A key never learns
-    whether an adapter it may not use exists: both cases are the same 404."""
-    base = engine.model_name
-    if name == base:
-        if not principal.base:
-            raise model_not_found(name)
-        return ModelTarget(name, None, base)
-    adapter = name
-    if ":" in name:
-        prefix, _, adapter = name.partition(":")
-        if prefix != base or not adapter:
-            raise model_not_found(name)
-    if not principal.can_use_adapter(adapter) or not engine.has_adapter(adapter):
-        raise model_not_found(name)
-    return ModelTarget(name, adapter, adapter)
-
-
-def check_context(engine, n_prompt: int, max_tokens: int, param: str) -> None:
-    if n_prompt + max_tokens > engine.max_model_len:
-        raise bad_request(
-            f"This model's maximum context length is {engine.max_model_len} tokens. However, you requested "
-            f"{n_prompt + max_tokens} tokens ({n_prompt} in the {param}, {max_tokens} in the completion). "
-            "Please reduce the length of the prompt or max_tokens.",
-            param, "context_length_exceeded")
-
-
-def sampling_params(req, max_tokens: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
-    """Translate request fields to SamplingParams; any invalid value is a 400 naming the field."""
-    bias: dict[int, float] = {}
-    for key, value in (req.logit_bias or {}).items():
-        try:
-            tok = int(key)
-        except ValueError:
-            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
-        if not 0 <= tok < vocab_size:
-            raise bad_request(f"logit_bias token id {tok} is outside the vocabulary", "logit_bias")
-        bias[tok] = value
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=max(req.top_k or 0, 0),
-        min_p=req.min_p or 0.0,
-        repetition_penalty=req.repetition_penalty or 1.0,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        logit_bias=bias,
-        seed=req.seed,
-        stop=req.stop_list(),
-        stop_token_ids=list(req.stop_token_ids or []),
-        ignore_eos=req.ignore_eos,
-        logprobs=logprobs,
-    )
-    try:
-        params.validate()
-    except ValueError as exc:
-        raise bad_request(str(exc)) from None
-    return params
-
-
-def with_seed(params: SamplingParams, i: int) -> SamplingParams:
-    """Choice i of n: seed+i so seeded choices differ from each other but stay reproducible."""
-    if params.seed is None or i == 0:
-        return params
-    from dataclasses import replace
-
-    return replace(params, seed=params.seed + i, logit_bias=dict(params.logit_bias),
-                   stop=list(params.stop), stop_token_ids=list(params.stop_token_ids))
 
 
 class Generation:
