@@ -1,6 +1,9 @@
-"""LoRAX's native API on the real server (uvicorn + gateway + AsyncEngine on a tiny checkpoint),
-driven by the real `lorax-client` (Client and AsyncClient): generate, generate_stream, details,
-alternatives, best_of, merged adapters, hub and s3 adapter sources, errors and per-key scoping."""
+"""Drop-in for LoRAX and vLLM users, on the real server (uvicorn + gateway + AsyncEngine on a tiny
+checkpoint): LoRAX's native API driven by the real `lorax-client` (Client and AsyncClient:
+generate, generate_stream, details, alternatives, best_of, merged adapters, hub and s3 adapter
+sources, errors and per-key scoping), and vLLM's adapter and tokenizer endpoints over plain HTTP
+as vLLM's docs show them. Fault injection (429, a failure mid-stream, a dead engine) uses the
+fake engine."""
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +18,8 @@ from loragate.engine.async_engine import AsyncEngine
 from loragate.engine.config import EngineConfig
 from loragate.gateway import GatewaySettings, create_app
 from loragate.testing import build_adapter
-from tests.test_gateway import running_server
+from tests.fake_engine import FakeEngine
+from tests.test_gateway import running_server, switched
 
 lorax = pytest.importorskip("lorax")
 from lorax.errors import GenerationError, ValidationError  # noqa: E402
@@ -325,3 +329,107 @@ def test_s3_download_streaming_guard_and_etag_reuse(tmp_path, env):
         boto3.client = real_client
     assert fx.leftovers(tmp_path) == [] and not s3_cache_path("s3://adapters/huge", tiny).exists()
     assert sources.ADAPTER_FILES == ("adapter_config.json", "adapter_model.safetensors")
+
+
+# ---- LoRAX errors the real engine cannot be made to produce on demand ------------------------------
+
+@pytest.fixture(scope="module")
+def fake_env():
+    engine = FakeEngine(model_name="fake-base", max_model_len=256)
+    with running_server(create_app(engine, GatewaySettings())) as url:
+        yield url, engine
+
+
+def test_overloaded_is_429_and_dead_engine_503(fake_env):
+    url, engine = fake_env
+    with switched(engine, queue_full=True):
+        with pytest.raises(lorax.errors.OverloadedError):
+            lorax.Client(url).generate("hi", max_new_tokens=3)
+        r = httpx.post(url + "/generate", json={"inputs": "hi"}, timeout=30)
+        assert r.status_code == 429 and r.json()["error_type"] == "overloaded" and "retry-after" in r.headers
+    with switched(engine, dead=True):
+        r = httpx.post(url + "/", json={"inputs": "hi", "stream": True}, timeout=30)
+        assert r.status_code == 503 and set(r.json()) == {"error", "error_type"}
+
+
+def test_failure_mid_stream_is_an_error_event(fake_env):
+    url, engine = fake_env
+    with switched(engine, fail_after=2):
+        with pytest.raises(GenerationError):
+            list(lorax.Client(url).generate_stream("hello", max_new_tokens=20))
+        with pytest.raises(GenerationError):  # before the response starts: a 424
+            lorax.Client(url).generate("hello", max_new_tokens=20)
+    assert engine.running == set()
+
+
+def test_remote_sources_are_off_unless_enabled(fake_env):
+    url, _ = fake_env
+    r = httpx.post(url + "/generate", json={"inputs": "hi", "parameters": {
+        "adapter_id": "acme/bot", "adapter_source": "hub"}}, timeout=30)
+    assert r.status_code == 422 and "--adapter-source" in r.json()["error"]
+    r = httpx.post(url + "/v1/completions", json={"model": "acme/bot", "prompt": "hi", "adapter_source": "s3"},
+                   timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "adapter_source"
+
+
+def test_response_format_maps_to_structured_output(env):
+    """LoRAX's response_format is a JSON-schema constraint on the output (issue 11's engine)."""
+    import dataclasses
+    import json as _json
+
+    from loragate.engine.sampling_params import SamplingParams
+
+    if "structured" not in {f.name for f in dataclasses.fields(SamplingParams)}:
+        pytest.skip("structured outputs (issue 11) are not in this build yet")
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    r = client(env).generate(PROMPT, max_new_tokens=40, response_format={"type": "json_object", "schema": schema})
+    import jsonschema
+
+    jsonschema.validate(_json.loads(r.generated_text), schema)
+
+
+# ---- vLLM's endpoints ---------------------------------------------------------------------------------
+
+def test_vllm_tokenize_detokenize(env):
+    tok = env["engine"].tokenizer
+    h = {"Authorization": f"Bearer {ADMIN}"}
+    with httpx.Client(base_url=env["url"], headers=h, timeout=30) as c:
+        r = c.post("/tokenize", json={"model": "tiny", "prompt": "hello world", "return_token_strs": True}).json()
+        assert r["tokens"] == tok.encode("hello world") and r["count"] == len(r["tokens"])
+        assert r["max_model_len"] == 256 and r["token_strs"] == [tok.token_text(t) for t in r["tokens"]]
+        plain = c.post("/tokenize", json={"prompt": "hello world", "add_special_tokens": False}).json()
+        assert plain["tokens"] == tok.encode("hello world", add_special_tokens=False) and plain["token_strs"] is None
+        msgs = [{"role": "user", "content": "hi there"}]
+        chat = c.post("/tokenize", json={"model": "tenant0", "messages": msgs}).json()
+        assert chat["tokens"] == tok.encode_chat(msgs, add_generation_prompt=True)
+        back = c.post("/detokenize", json={"model": "tiny", "tokens": plain["tokens"]}).json()
+        assert back == {"prompt": "hello world"}
+        assert c.post("/detokenize", json={"tokens": [10 ** 9]}).status_code == 400
+        assert c.post("/tokenize", json={"model": "tiny"}).status_code == 400
+    a = httpx.post(env["url"] + "/tokenize", json={"model": "tenant1", "prompt": "x"},
+                   headers={"Authorization": f"Bearer {KEY_A}"}, timeout=30)
+    assert a.status_code == 404  # the key may not see tenant1: the same 404 as an unknown name
+
+
+def test_vllm_load_and_unload_lora_adapter(env, tmp_path_factory):
+    url, root = env["url"], env["root"]
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    fx.copy_adapter(env["adapters"]["tenant2"], root / "uploaded" / "v2")
+    body = {"lora_name": "fresh", "lora_path": str(root / "uploaded" / "v2")}
+    r = httpx.post(url + "/v1/load_lora_adapter", json=body, headers={"Authorization": f"Bearer {KEY_A}"})
+    assert r.status_code == 403
+    outside = tmp_path_factory.mktemp("outside")
+    fx.copy_adapter(env["adapters"]["tenant2"], outside / "x")
+    r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "evil", "lora_path": str(outside / "x")},
+                   headers=admin)
+    assert r.status_code == 403
+    r = httpx.post(url + "/v1/load_lora_adapter", json=body, headers=admin, timeout=30)
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'fresh' added successfully."
+    assert greedy_text(env, "fresh") == greedy_text(env, "tenant2")
+    assert httpx.post(url + "/v1/load_lora_adapter", json=body, headers=admin).status_code == 400
+    r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "fresh"}, headers=admin, timeout=30)
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'fresh' removed successfully."
+    with pytest.raises(openai.NotFoundError):
+        greedy_text(env, "fresh")
+    r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "fresh"}, headers=admin)
+    assert r.status_code == 404
