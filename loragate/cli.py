@@ -48,6 +48,14 @@ def _weight_pair(text: str) -> tuple[str, float]:
     return name, weight
 
 
+def _sources(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    bad = [n for n in names if n not in ("local", "hub", "s3")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma list of local, hub, s3; got {text!r}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loragate", description="Serve many LoRA adapters on one base model "
                                 "behind an OpenAI-compatible API.")
@@ -78,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--allowed-adapter-dir", action="append", default=[], metavar="DIR",
                    help="POST /v1/adapters may register adapters only from inside these directories "
                    "(repeatable; none = runtime registration disabled)")
+    r = s.add_argument_group("remote adapters (LoRAX's adapter_source)")
+    r.add_argument("--adapter-source", type=_sources, default=("local",), metavar="LIST",
+                   help="where requests may load adapters from: local, hub (Hugging Face), s3; e.g. "
+                   "local,hub,s3. Keys need a matching 'sources' allowance in --api-keys-file")
+    r.add_argument("--adapter-cache-dir", metavar="DIR", help="where s3 adapters are downloaded (default "
+                   "~/.cache/loragate/adapters; hub adapters use the Hugging Face cache, HF_HOME)")
+    r.add_argument("--max-adapter-download-size", type=parse_size, default=1 << 30, metavar="BYTES",
+                   help="largest remote adapter fetched (e.g. 512MiB)")
+    r.add_argument("--adapter-download-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="time limit of one remote adapter fetch")
+    r.add_argument("--s3-endpoint-url", metavar="URL", help="S3-compatible store (MinIO, R2, ...); "
+                   "AWS_ENDPOINT_URL_S3 and the other AWS_* variables work too")
     e = s.add_argument_group("scheduling and memory")
     e.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at most")
     e.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
@@ -140,6 +160,9 @@ def build_configs(args: argparse.Namespace) -> ServeConfig:
         max_cpu_adapter_memory=args.max_cpu_adapter_memory, adapters=tuple(adapters),
         adapter_dir=args.adapter_dir, pin_adapters=tuple(args.pin_adapter), fairness=args.fairness,
         allowed_adapter_dirs=tuple(args.allowed_adapter_dir), tenant_weights=tuple(args.tenant_weight),
+        adapter_sources=tuple(args.adapter_source), adapter_cache_dir=args.adapter_cache_dir,
+        max_adapter_download_bytes=args.max_adapter_download_size,
+        adapter_download_timeout=args.adapter_download_timeout, s3_endpoint_url=args.s3_endpoint_url,
     )
     gateway = GatewaySettings(api_keys=tuple(args.api_key), api_keys_file=keys_file,
                               allowed_adapter_dirs=tuple(args.allowed_adapter_dir))

@@ -106,3 +106,13 @@ def test_many_adapters(server):
     accuracy = float(re.search(r"accuracy ([\d.]+)%", out).group(1))
     assert accuracy >= 50, out
     assert len(list(server["adapter_root"].iterdir())) == 20
+
+
+def test_lorax_client(server):
+    if not os.environ.get("CI"):  # installed with --no-deps (README, .ci/run); CI fails without it
+        pytest.importorskip("lorax")
+    out = run(server, sys.executable, str(EXAMPLES / "lorax_client.py"))
+    message = "moon river cat"
+    assert f"shout: {shout(message)!r} (eos_token," in out
+    assert streamed(out, "reverse, streamed") == reverse(message)
+    assert "shout+sort merged: '" in out

@@ -180,7 +180,36 @@ class AsyncEngine:
     # ---- adapters --------------------------------------------------------------------------
     def has_adapter(self, name: str) -> bool:
         return self.engine.adapters is not None and name not in self._pending_unregister \
-            and self.engine.registry.resolve(name) is not None
+            and self.engine.registry.exists(name)
+
+    @property
+    def adapter_sources(self) -> tuple[str, ...]:
+        """Where adapters may come from on this server (`--adapter-source`)."""
+        return self.engine.sources.enabled if self.engine.adapters is not None else ()
+
+    def remote_adapter(self, source: str, ref: str, token: str | None = None) -> str:
+        """Register the hub/s3 adapter `ref` (no I/O here: the cache's loader fetches it when a
+        request needs it) and return its engine name. ValueError for a malformed reference,
+        PermissionError for a source that is not enabled."""
+        from loragate.engine.adapters.virtual import remote_adapter
+
+        if self.engine.adapters is None:
+            raise AdapterLoadError("LoRA is disabled on this server")
+        return self.engine.registry.add_virtual(remote_adapter(source, ref, self.engine.sources, token))
+
+    def merged_adapter(self, names: list[str], weights: list[float], strategy: str | None = None,
+                       density: float | None = None, majority_sign_method: str | None = None) -> str:
+        """Register the merge of adapters `names` (engine names that exist) and return its name;
+        it is built by the cache's loader when a request needs it. ValueError naming the field."""
+        from loragate.engine.adapters.virtual import merged_adapter
+
+        if self.engine.adapters is None:
+            raise AdapterLoadError("LoRA is disabled on this server")
+        for n in names:
+            if not self.has_adapter(n):
+                raise AdapterNotFoundError(f"adapter {n!r} not found")
+        spec = merged_adapter(names, weights, strategy, density, majority_sign_method)
+        return self.engine.registry.add_virtual(spec)
 
     def list_adapters(self) -> list[AdapterStats]:
         if self.engine.adapters is None:

@@ -35,6 +35,13 @@ class EngineConfig:
     allowed_adapter_dirs: tuple[str, ...] = ()  # where the admin API may register adapters from
     pin_adapters: tuple[str, ...] = ()
     enable_lora: bool = True
+    # remote adapter sources (engine/adapters/sources.py): which are on, where downloads go, limits
+    adapter_sources: tuple[str, ...] = ("local",)
+    adapter_cache_dir: str | None = None
+    hf_cache_dir: str | None = None
+    max_adapter_download_bytes: int = 1 << 30
+    adapter_download_timeout: float = 300.0
+    s3_endpoint_url: str | None = None
     # scheduling
     fairness: str = "vtc"  # vtc | fcfs
     tenant_weights: tuple[tuple[str, float], ...] = field(default_factory=tuple)

@@ -15,6 +15,7 @@ import torch
 from loragate.engine.adapters.cache import AdapterCache
 from loragate.engine.adapters.peft_loader import BaseModelInfo
 from loragate.engine.adapters.registry import AdapterRegistry
+from loragate.engine.adapters.sources import source_settings
 from loragate.engine.config import EngineConfig
 from loragate.engine.cpu_alloc import tune_malloc
 from loragate.engine.detokenizer import TextStream
@@ -66,6 +67,7 @@ class Engine:
         self.lora: LoraWeights | None = None
         self.adapters: AdapterCache | None = None
         self.registry = AdapterRegistry(config.adapters, config.adapter_dir, config.allowed_adapter_dirs)
+        self.sources = source_settings(config)
         if config.enable_lora:
             self.lora = LoraWeights(self.model.lora_specs, mc.num_layers, config.max_loras, config.max_lora_rank,
                                     self.device, self.dtype)
@@ -110,7 +112,7 @@ class Engine:
         if any(t < 0 or t >= vocab for t in req.prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if req.adapter:
-            if self.adapters is None or self.registry.resolve(req.adapter) is None:
+            if self.adapters is None or not self.registry.exists(req.adapter):
                 raise AdapterNotFoundError(f"adapter {req.adapter!r} not found")
 
     def add_request(self, req: EngineRequest) -> None:
@@ -158,6 +160,7 @@ class Engine:
         for seq, err in sched.failed:
             self.seqs.pop(seq.request_id, None)
             outputs.append(self._final(seq, "error", "", [], error=err))
+            outputs[-1].error_code = "adapter_load_failed"  # the scheduler fails only on adapter loads
         if not sched.scheduled:
             return outputs
         self.num_steps += 1

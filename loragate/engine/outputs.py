@@ -41,6 +41,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    error_code: str | None = None  # with finish_reason "error": "adapter_load_failed" or None
     # timing, filled on the engine side (monotonic seconds) for metrics
     queue_time: float | None = None
     first_token_time: float | None = None

@@ -17,7 +17,7 @@ from loragate.gateway.context import GatewayContext
 from loragate.gateway.errors import install_error_handlers
 from loragate.gateway.metrics import GatewayMetrics
 from loragate.gateway.middleware import RequestLogMiddleware
-from loragate.gateway.routes import adapters, chat, completions, health, metrics, models
+from loragate.gateway.routes import adapters, chat, completions, health, lorax, metrics, models, vllm
 from loragate.gateway.settings import GatewaySettings
 
 
@@ -39,7 +39,7 @@ def create_app(engine, settings: GatewaySettings | None = None) -> FastAPI:
     app.state.ctx = GatewayContext(engine=engine, settings=settings, keys=keys, metrics=gateway_metrics)
     app.state.created = int(time.time())
     install_error_handlers(app)
-    for module in (chat, completions, models, adapters, health, metrics):
+    for module in (chat, completions, models, adapters, health, metrics, lorax, vllm):
         app.include_router(module.router)
     app.add_middleware(RequestLogMiddleware, metrics=gateway_metrics)
     return app

@@ -15,7 +15,9 @@ Keys come from two places:
   `adapters` is a list of adapter names or "*" for all (default: none); `base` (default true)
   says whether the key may use the base model; `admin` (default false) allows
   `POST/DELETE /v1/adapters`; `tenant` (default: the entry's position, "key-N") is what the
-  engine's fair scheduler counts.
+  engine's fair scheduler counts. `sources` (default none) lists the remote adapter sources the
+  key may load adapters from (`"hub"`, `"s3"`, or "*" for every source the server enables with
+  `--adapter-source`); `adapters` scopes local adapter names only.
 
 With no keys configured at all the server is open: every caller has full access.
 
@@ -44,6 +46,7 @@ class KeyFileEntry(BaseModel):
     adapters: list[str] | Literal["*"] = Field(default_factory=list)
     base: bool = True
     admin: bool = False
+    sources: list[Literal["hub", "s3"]] | Literal["*"] = Field(default_factory=list)
 
 
 class KeyFile(BaseModel):
@@ -59,12 +62,17 @@ class Principal:
     adapters: frozenset[str] | None  # None = every adapter
     base: bool = True
     admin: bool = False
+    remote_sources: frozenset[str] | None = frozenset()  # None = every enabled source
 
     def can_use_adapter(self, name: str) -> bool:
         return self.adapters is None or name in self.adapters
 
+    def can_use_source(self, source: str) -> bool:
+        """Local adapters are scoped by `adapters`; a remote source needs its own allowance."""
+        return source == "local" or self.remote_sources is None or source in self.remote_sources
 
-OPEN = Principal(tenant=None, adapters=None, base=True, admin=True)
+
+OPEN = Principal(tenant=None, adapters=None, base=True, admin=True, remote_sources=None)
 
 
 def _digest(key: str) -> bytes:
@@ -87,12 +95,14 @@ class KeyStore:
         """Raises pydantic.ValidationError (a ValueError) on a malformed keys file."""
         entries: list[tuple[str, Principal]] = []
         for i, key in enumerate([*api_keys, *admin_keys]):
-            entries.append((key, Principal(tenant=f"admin-{i}", adapters=None, base=True, admin=True)))
+            entries.append((key, Principal(tenant=f"admin-{i}", adapters=None, base=True, admin=True,
+                                           remote_sources=None)))
         if keys_file is not None:
             parsed = KeyFile.model_validate(keys_file)
             for i, e in enumerate(parsed.keys):
                 adapters = None if e.adapters == "*" else frozenset(e.adapters)
-                entries.append((e.key, Principal(e.tenant or f"key-{i}", adapters, e.base, e.admin)))
+                sources = None if e.sources == "*" else frozenset(e.sources)
+                entries.append((e.key, Principal(e.tenant or f"key-{i}", adapters, e.base, e.admin, sources)))
         return cls(entries)
 
     def lookup(self, key: str) -> Principal | None:

@@ -52,6 +52,8 @@ class Generation:
                 agen = self.ctx.engine.generate(req)
                 self._agens.append(agen)
                 self._first.append(await agen.__anext__())
+                if self._first[-1].finished and self._first[-1].finish_reason not in ("stop", "length"):
+                    raise output_error(self._first[-1])  # e.g. its adapter failed to load: a status
         except BaseException as exc:
             await self.aclose()
             if isinstance(exc, StopAsyncIteration):
@@ -146,6 +148,9 @@ def classify(exc: Exception, retry_after: int = 1) -> APIError:
 
 def output_error(out: RequestOutput) -> APIError:
     """A request that ended in error/abort rather than stop/length."""
+    if getattr(out, "error_code", None) == "adapter_load_failed":
+        return APIError(400, f"adapter could not be loaded: {out.error}", "invalid_request_error", "model",
+                        "adapter_load_error")
     if out.finish_reason == "abort":
         return APIError(500, out.error or "request was aborted by the server", "server_error", None, "aborted")
     return APIError(500, out.error or "generation failed", "server_error", None, "generation_error")

@@ -60,6 +60,10 @@ class LoadedAdapter:
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     targets: tuple[str, ...]
     nbytes: int
+    # content identity (hex): equal only for adapters that compute the same thing. The prefix cache
+    # keys KV blocks by it, never by the name; whoever builds a LoadedAdapter otherwise (merges in
+    # memory) must set it from the adapter's full specification.
+    digest: str = ""
 
 
 def _fail(name: str, msg: str) -> AdapterLoadError:

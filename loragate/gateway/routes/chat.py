@@ -6,6 +6,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 
 from loragate.engine.outputs import EngineRequest
+from loragate.gateway.adapter_select import resolve_request_model
 from loragate.gateway.auth import Principal
 from loragate.gateway.context import authenticate, get_ctx, get_record, parse_body
 from loragate.gateway.errors import APIError, bad_request
@@ -20,7 +21,7 @@ from loragate.gateway.protocol import (
     ChatDelta,
     ChatResponseMessage,
 )
-from loragate.gateway.routing import check_context, resolve_model
+from loragate.gateway.routing import check_context
 from loragate.gateway.sampling import reject_unsupported, sampling_params, with_seed
 from loragate.gateway.streaming import SSEResponse, sse
 
@@ -65,7 +66,7 @@ async def create_chat_completion(request: Request, principal: Principal = Depend
     req = await parse_body(request, ChatCompletionRequest)
     reject_unsupported(req.unsupported_fields())
     engine = ctx.engine
-    target = resolve_model(engine, principal, req.model)
+    target = resolve_request_model(engine, principal, req)  # model, or LoRAX-style adapter fields
     rec.model = target.label
     try:
         prompt = engine.tokenizer.encode_chat(template_messages(req), add_generation_prompt=True)

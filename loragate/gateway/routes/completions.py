@@ -9,6 +9,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 
 from loragate.engine.outputs import EngineRequest
+from loragate.gateway.adapter_select import resolve_request_model
 from loragate.gateway.auth import Principal
 from loragate.gateway.context import authenticate, get_ctx, get_record, parse_body
 from loragate.gateway.errors import bad_request
@@ -19,7 +20,7 @@ from loragate.gateway.protocol import (
     CompletionRequest,
     CompletionResponse,
 )
-from loragate.gateway.routing import check_context, resolve_model
+from loragate.gateway.routing import check_context
 from loragate.gateway.sampling import reject_unsupported, sampling_params, with_seed
 from loragate.gateway.streaming import SSEResponse, sse
 
@@ -57,7 +58,7 @@ async def create_completion(request: Request, principal: Principal = Depends(aut
     req = await parse_body(request, CompletionRequest)
     reject_unsupported(req.unsupported_fields())
     engine, tok = ctx.engine, ctx.engine.tokenizer
-    target = resolve_model(engine, principal, req.model)
+    target = resolve_request_model(engine, principal, req)  # model, or LoRAX-style adapter fields
     rec.model = target.label
     prompts = prompts_of(req, tok)
     max_tokens = 16 if req.max_tokens is None else req.max_tokens

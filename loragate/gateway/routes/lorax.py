@@ -1,0 +1,267 @@
+"""LoRAX's native API beside the OpenAI routes: `POST /generate`, `POST /generate_stream` and
+`POST /` (`"stream": true|false`, what `lorax-client` calls), over the same `Generation` as chat
+and completions, with the same keys, per-key adapter scoping and limits.
+
+Errors use LoRAX's shape `{"error", "error_type"}` and statuses (422 validation, 424 adapter load
+or generation failure, 429 overloaded); every route here is wrapped by `LoraxRoute`, which renders
+any APIError raised on the way (auth included) that way. Streams send one `data:` event per token;
+the last carries `generated_text` (and `details` when asked); an error after the first event is an
+event `{"error", "error_type"}`, as LoRAX sends it.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import ValidationError
+
+from loragate.engine.outputs import EngineRequest, RequestOutput
+from loragate.gateway.adapter_select import AdapterAsk, select_adapter
+from loragate.gateway.auth import Principal
+from loragate.gateway.context import authenticate, get_ctx, get_record
+from loragate.gateway.errors import APIError
+from loragate.gateway.generation import Generation, checked_outputs, classify, collect
+from loragate.gateway.lorax_protocol import (
+    LoraxParameters,
+    LoraxRequest,
+    check,
+    error_body,
+    error_status,
+    invalid,
+    sampling_params,
+    token,
+)
+from loragate.gateway.routing import check_context
+from loragate.gateway.sampling import with_seed
+from loragate.gateway.streaming import SSEResponse
+
+
+def lorax_error(err: APIError) -> JSONResponse:
+    status, _ = error_status(err)
+    return JSONResponse(error_body(err), status_code=status, headers=err.headers or None)
+
+
+class LoraxRoute(APIRoute):
+    """Renders every APIError (and body validation error) of its endpoint in LoRAX's shape."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def wrapped(request: Request):
+            try:
+                return await handler(request)
+            except APIError as exc:
+                return lorax_error(exc)
+            except (RequestValidationError, ValidationError) as exc:
+                errs = exc.errors()
+                first = errs[0] if errs else {}
+                where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+                return lorax_error(invalid(f"{where}: {first.get('msg', 'invalid value')}" if where else
+                                           first.get("msg", "invalid request"), where or None))
+
+        return wrapped
+
+
+router = APIRouter(route_class=LoraxRoute)
+
+
+@dataclass
+class TokenState:
+    """One sequence's tokens as LoRAX reports them (also the `states` entry `collect` fills)."""
+
+    tokens: list[dict] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    last_id: int | None = None
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+class Lorax:
+    """What one request needs to turn engine outputs into LoRAX tokens and details."""
+
+    def __init__(self, engine, params: LoraxParameters, prompt_tokens: int, seeds: list[int | None],
+                 prefix: str) -> None:
+        self.tok = engine.tokenizer
+        self.eos = set(getattr(self.tok, "eos_token_ids", ()) or ())
+        self.special_ids = self.eos | ({self.tok.bos_token_id} if getattr(self.tok, "bos_token_id", None) is not None
+                                       else set())
+        self.k = params.return_k_alternatives
+        self.ignore_eos = params.ignore_eos_token
+        self.prompt_tokens = prompt_tokens
+        self.seeds = seeds
+        self.prefix = prefix
+
+    def new_tokens(self, state: TokenState, out: RequestOutput) -> list[dict]:
+        """The tokens `out` adds; the text of each is the detokenizer's delta (so the texts of the
+        non-special tokens concatenate to `generated_text`), a special token shows its own text."""
+        added = []
+        lps = out.new_logprobs or []
+        n = len(out.new_token_ids)
+        for j, tid in enumerate(out.new_token_ids):
+            lp = lps[j] if j < len(lps) else None
+            special = tid in self.special_ids
+            text = self.tok.token_text(tid) if special else (out.new_text if j == n - 1 else "")
+            alts = None
+            if self.k and lp is not None:
+                alts = [{"id": t, "text": self.tok.token_text(t), "logprob": v} for t, v in lp.top[: self.k]]
+            added.append(token(tid, text, lp.logprob if lp is not None else 0.0, special, alts))
+        state.tokens.extend(added)
+        state.text.append(out.new_text)
+        if out.new_token_ids:
+            state.last_id = out.new_token_ids[-1]
+        state.completion_tokens = max(state.completion_tokens, out.completion_tokens, len(state.tokens))
+        if out.finished:
+            state.finish_reason = self.finish_reason(out.finish_reason, state.last_id)
+        return added
+
+    def finish_reason(self, reason: str | None, last_id: int | None) -> str:
+        if reason == "length":
+            return "length"
+        if last_id in self.eos and not self.ignore_eos:
+            return "eos_token"
+        return "stop_sequence"
+
+    def generated_text(self, state: TokenState) -> str:
+        return self.prefix + "".join(state.text)
+
+    def sequence(self, state: TokenState, i: int) -> dict:
+        return {"generated_text": self.generated_text(state), "finish_reason": state.finish_reason,
+                "generated_tokens": state.completion_tokens, "seed": self.seeds[i], "prefill": [],
+                "tokens": state.tokens}
+
+    def details(self, states: list[TokenState], best: int) -> dict:
+        s = states[best]
+        out = {"finish_reason": s.finish_reason, "prompt_tokens": self.prompt_tokens,
+               "generated_tokens": s.completion_tokens, "skipped_tokens": 0, "seed": self.seeds[best],
+               "prefill": [], "tokens": s.tokens}
+        if len(states) > 1:
+            out["best_of_sequences"] = [self.sequence(st, i) for i, st in enumerate(states) if i != best]
+        return out
+
+
+class _Tracking:
+    """A `collect` state that feeds a TokenState through `Lorax.new_tokens`."""
+
+    def __init__(self, lx: Lorax, state: TokenState) -> None:
+        self.lx, self.state = lx, state
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.state.completion_tokens
+
+    def add(self, out: RequestOutput) -> None:
+        self.lx.new_tokens(self.state, out)
+
+
+def _mean_logprob(state: TokenState) -> float:
+    return sum(t["logprob"] for t in state.tokens) / max(len(state.tokens), 1)
+
+
+async def _run(request: Request, principal: Principal, stream: bool | None):
+    """Shared by the three routes; `stream` None = as the body says (`POST /`)."""
+    ctx, rec = get_ctx(request), get_record(request)
+    rec.counted = True
+    raw = await request.body()
+    if not raw:
+        raise invalid("request body is required")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise invalid(f"invalid JSON body: {exc}") from None
+    if not isinstance(data, dict):
+        raise invalid("request body must be a JSON object")
+    body = LoraxRequest.model_validate(data)
+    streaming = body.stream if stream is None else stream
+    p = body.parameters
+    if not body.inputs:
+        raise invalid("`inputs` cannot be empty", "inputs")
+    check(p, streaming)
+    engine = ctx.engine
+    ask = AdapterAsk(p.adapter_id or None, p.adapter_source, p.merged_adapters, p.api_token)
+    target = select_adapter(engine, principal, ask, p.adapter_id or engine.model_name)
+    rec.model = target.label
+    if p.apply_chat_template:
+        try:
+            prompt = engine.tokenizer.encode_chat([{"role": "user", "content": body.inputs}],
+                                                  add_generation_prompt=True)
+        except ValueError as exc:
+            raise invalid(f"could not apply the chat template: {exc}", "apply_chat_template") from None
+    else:
+        prompt = engine.tokenizer.encode(body.inputs, add_special_tokens=True)
+    if p.truncate is not None and len(prompt) > p.truncate:
+        prompt = prompt[-p.truncate:]
+    max_new = p.max_new_tokens if p.max_new_tokens is not None else max(engine.max_model_len - len(prompt), 1)
+    check_context(engine, len(prompt), max_new, "inputs")
+    n = p.best_of or 1
+    params, sample = sampling_params(p, max_new, details=p.details or streaming or n > 1)
+    requests = [EngineRequest(f"lorax-{rec.request_id}-{i}", list(prompt), with_seed(params, i), target.adapter,
+                              principal.tenant) for i in range(n)]
+    seeds = [r.params.seed if sample else None for r in requests]
+    rec.prompt_tokens = len(prompt)
+    lx = Lorax(engine, p, len(prompt), seeds, body.inputs if p.return_full_text else "")
+    gen = Generation(ctx, target, requests, rec)
+    await gen.start()
+    states = [TokenState() for _ in requests]
+    if not streaming:
+        await collect(gen, [_Tracking(lx, s) for s in states], request)
+        rec.completion_tokens = sum(s.completion_tokens for s in states)
+        best = max(range(n), key=lambda i: _mean_logprob(states[i])) if n > 1 else 0
+        response = {"generated_text": lx.generated_text(states[best])}
+        if p.details:
+            response["details"] = lx.details(states, best)
+        return response if stream is False else [response]
+    return SSEResponse(_events(gen, lx, states[0], rec, p.details))
+
+
+def _event(payload: dict) -> bytes:
+    return b"data:" + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+
+
+async def _events(gen: Generation, lx: Lorax, state: TokenState, rec, details: bool) -> AsyncIterator[bytes]:
+    """One event per token, sent as it arrives; the final token's event carries generated_text (and
+    details). A client that goes away closes this generator, which aborts the engine request."""
+    try:
+        async for _, out in checked_outputs(gen, [_Tracking(lx, state)]):
+            new = state.tokens[len(state.tokens) - len(out.new_token_ids):]
+            last = new.pop() if out.finished and new else None
+            for tok in new:
+                yield _event({"token": tok, "generated_text": None, "details": None})
+            if out.finished:
+                final = {"token": last or token(0, "", 0.0, True, None),
+                         "generated_text": lx.generated_text(state), "details": None}
+                if details:
+                    final["details"] = {"finish_reason": state.finish_reason, "prompt_tokens": lx.prompt_tokens,
+                                        "generated_tokens": state.completion_tokens, "seed": lx.seeds[0]}
+                yield _event(final)
+        rec.completion_tokens = state.completion_tokens
+    except BaseException as exc:
+        rec.completion_tokens = state.completion_tokens
+        if not isinstance(exc, Exception):
+            rec.outcome = "aborted"
+            raise
+        rec.outcome = "error"
+        yield _event(error_body(classify(exc)))
+    finally:
+        await gen.aclose()
+
+
+@router.post("/generate")
+async def generate(request: Request, principal: Principal = Depends(authenticate)):
+    return await _run(request, principal, stream=False)
+
+
+@router.post("/generate_stream")
+async def generate_stream(request: Request, principal: Principal = Depends(authenticate)):
+    return await _run(request, principal, stream=True)
+
+
+@router.post("/")
+async def compat_generate(request: Request, principal: Principal = Depends(authenticate)):
+    """What `lorax-client` calls: a list of one response, or the stream, as `stream` says."""
+    return await _run(request, principal, stream=None)
+
