@@ -229,6 +229,10 @@ class AsyncEngine:
                 out.append(AdapterStats(name, path, "disk", _dir_size(path), None, 0, 0, None))
         return out
 
+    def cached_adapters(self) -> list[AdapterStats]:
+        """Only the adapters the cache holds an entry for (no directory listing: cheap to poll)."""
+        return self.engine.adapters.stats() if self.engine.adapters is not None else []
+
     def register_adapter(self, name: str, path: str) -> AdapterStats:
         """Validate the adapter by loading it once, then register it under `name`."""
         from loragate.engine.adapters.peft_loader import load_peft_adapter
