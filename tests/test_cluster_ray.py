@@ -17,6 +17,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
+pytestmark = pytest.mark.slow
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
