@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from loragate.cluster.app import INGRESS_DEPLOYMENT, STATE_DEPLOYMENT, build_app  # noqa: E402
 from loragate.cluster.config import ClusterConfig  # noqa: E402
 from loragate.cluster.launch import local_runtime_env  # noqa: E402
+from loragate.cluster.replica import HELD_TIERS  # noqa: E402
 from loragate.engine.async_engine import AsyncEngine  # noqa: E402
 from loragate.engine.config import EngineConfig  # noqa: E402
 from loragate.gateway import GatewaySettings, create_app  # noqa: E402
@@ -138,9 +139,9 @@ def test_two_hot_adapters_go_to_different_replicas_and_stay_there(cluster):
                   for rep, a in after if a == adapter}
         assert sum(landed.values()) == 20
         assert landed[home] / 20 >= 0.95, landed
-    # Ray's view of each replica is its engine's resident set
+    # Ray's view of each replica is what its engine's adapter cache holds (slots, loading, CPU tier)
     for r in reports(cluster).values():
-        held = {a.name for a in r.adapters if a.tier in ("device", "loading")}
+        held = {a.name for a in r.adapters if a.tier in HELD_TIERS}
         assert set(r.ray_view) == held
     assert "a1" in reports(cluster)[home1].resident and "a2" in reports(cluster)[home2].resident
 

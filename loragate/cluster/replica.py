@@ -4,10 +4,14 @@ Adapter requests arrive with Ray Serve's multiplexed model id set to the adapter
 through the `@serve.multiplexed` loader, which is how Ray's router learns that this replica holds
 the adapter. What the replica reports is the engine's own adapter cache, not Ray's guess: the
 loader keeps no LRU of its own (`max_num_models_per_replica=-1`) and, every `report_interval`
-seconds, the replica rewrites Ray's per-replica model set to the adapters its engine has resident
-or loading, so an adapter the engine evicted stops attracting requests and one it holds keeps
-attracting them. (Ray Serve has no public call for "this replica now holds exactly these models";
-the rewrite uses its multiplexing wrapper's model table and push flag, in one function below.)
+seconds, the replica rewrites Ray's per-replica model set to the adapters its engine can serve
+without reading disk (in a device slot, loading into one, or in the CPU tier), so an adapter the
+engine dropped stops attracting requests and one it holds keeps attracting them. Counting the CPU
+tier keeps an adapter on the replica that first took it while slots churn (measured in
+bench/scaleout.py: with device slots alone, an evicted adapter's next request goes to a random
+replica and most adapters end up loaded on both). Ray Serve has no public call for "this replica
+now holds exactly these models"; the rewrite uses its multiplexing wrapper's model table and push
+flag, in one function below (`sync_ray_view`).
 
 The same report goes to the `ClusterState` board, where the ingress reads per-replica state.
 """
@@ -32,7 +36,7 @@ log = logging.getLogger("loragate.cluster")
 
 # where `@serve.multiplexed` keeps its per-instance state (set on first use)
 _MULTIPLEX_WRAPPER_ATTR = "__serve_multiplex_wrapper"
-HELD_TIERS = ("device", "loading")
+HELD_TIERS = ("device", "loading", "cpu")  # what a replica tells Ray's router it holds
 
 
 class AdapterRef:

@@ -27,8 +27,8 @@ class ReplicaReport:
     """One replica's state, sent to the cluster's state board every `report_interval` seconds.
 
     adapters: the engine's adapter cache entries (adapters it has seen), with their tiers.
-    ray_view: the adapters this replica has told Ray's router it holds (resident or loading in the
-        engine's cache: the two views are the same set, refreshed on every report).
+    ray_view: the adapters this replica has told Ray's router it holds (device slot, loading or
+        CPU tier of the engine's cache: the two views are the same set, refreshed every report).
     """
 
     replica_id: str
