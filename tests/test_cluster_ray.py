@@ -34,7 +34,7 @@ from tests.test_gateway import running_server, wait_for  # noqa: E402
 
 APP = "loragate"
 ADMIN, KEY_A = "sk-admin", "sk-acme"
-ADAPTERS = [f"a{i}" for i in range(6)]
+ADAPTERS = [f"a{i}" for i in range(5)]
 HEADERS = {"Authorization": f"Bearer {ADMIN}"}
 
 
@@ -50,7 +50,7 @@ def cluster(checkpoints, tmp_path_factory):
                           kv_cache_memory=8 << 20, block_size=8, max_model_len=256)
     settings = GatewaySettings(api_keys=(ADMIN,), api_keys_file={"keys": [
         {"key": KEY_A, "tenant": "acme", "adapters": ["a0"]}]})
-    cfg = ClusterConfig(replicas=2, replica_num_cpus=1, report_interval=0.2, stale_after=2.0)
+    cfg = ClusterConfig(replicas=2, replica_num_cpus=1, report_interval=0.2, stale_after=2.0, log_level="warning")
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 << 20, log_to_driver=False,
              runtime_env=local_runtime_env())
     try:

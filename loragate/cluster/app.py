@@ -22,6 +22,9 @@ from loragate.gateway.settings import GatewaySettings
 ENGINE_DEPLOYMENT = "LoragateEngine"
 INGRESS_DEPLOYMENT = "LoragateIngress"
 STATE_DEPLOYMENT = "LoragateState"
+# Ray Serve logs every call by default: the board's 4 reports a second per replica would flood the
+# log, and the gateway already writes one line per request
+QUIET = {"enable_access_log": False}
 
 
 def replica_gpus(engine: EngineConfig, cluster: ClusterConfig) -> float:
@@ -39,15 +42,17 @@ def replica_gpus(engine: EngineConfig, cluster: ClusterConfig) -> float:
 def build_app(engine: EngineConfig, gateway: GatewaySettings, cluster: ClusterConfig) -> Application:
     """Bind the three deployments. Nothing starts until `serve.run` (no model is loaded here)."""
     ongoing = cluster.max_ongoing_requests or 2 * engine.max_num_seqs
-    state = serve.deployment(name=STATE_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0})(
-        ClusterState).bind(cluster.stale_after)
+    state = serve.deployment(name=STATE_DEPLOYMENT, num_replicas=1, ray_actor_options={"num_cpus": 0},
+                             logging_config=QUIET)(ClusterState).bind(cluster.stale_after)
     replicas = serve.deployment(
         name=ENGINE_DEPLOYMENT, num_replicas=cluster.replicas, max_ongoing_requests=ongoing,
         ray_actor_options={"num_cpus": cluster.replica_num_cpus, "num_gpus": replica_gpus(engine, cluster)},
-    )(EngineReplica).bind(engine, state, cluster.report_interval)
+        logging_config=QUIET,
+    )(EngineReplica).bind(engine, state, cluster.report_interval, cluster.log_level)
     ingress = serve.deployment(
         name=INGRESS_DEPLOYMENT, num_replicas=cluster.ingress_replicas,
         max_ongoing_requests=max(1000, 4 * ongoing * cluster.replicas), ray_actor_options={"num_cpus": 0},
+        logging_config=QUIET,
     )(Ingress)
     return ingress.bind(replicas, state, engine, gateway, cluster)
 

@@ -23,6 +23,7 @@ class ClusterConfig:
     report_interval: seconds between two replica reports (held adapters, counters).
     stale_after: a replica silent for this long is left out of /metrics and /v1/models (it died).
     retries: how often a request that had produced nothing yet is resent when its replica dies.
+    log_level: level of the `loragate` loggers in the ingress and replica processes.
     """
 
     replicas: int = 2
@@ -36,6 +37,7 @@ class ClusterConfig:
     report_interval: float = 0.25
     stale_after: float = 3.0
     retries: int = 2
+    log_level: str = "info"
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -52,5 +54,5 @@ def cluster_config(args) -> ClusterConfig:
         replicas=max(args.ray_replicas, 1), multiplex=args.ray_multiplex,
         max_ongoing_requests=args.ray_max_ongoing_requests, replica_num_cpus=args.ray_num_cpus_per_replica,
         replica_num_gpus=args.ray_num_gpus_per_replica, ingress_replicas=args.ray_ingress_replicas,
-        ray_address=args.ray_address,
+        ray_address=args.ray_address, log_level=args.log_level,
     )

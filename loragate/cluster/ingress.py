@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from ray import serve
 
 from loragate.cluster.config import ClusterConfig
+from loragate.cluster.logs import setup_logging
 from loragate.cluster.remote_engine import RemoteEngine
 from loragate.engine.config import EngineConfig
 from loragate.gateway import GatewaySettings, create_app
@@ -64,6 +65,7 @@ class Ingress:
 
     def __init__(self, replicas, state, engine_config: EngineConfig, settings: GatewaySettings,
                  cluster: ClusterConfig) -> None:
+        setup_logging(cluster.log_level)
         self.engine = RemoteEngine(engine_config, replicas, state, cluster)
         self.settings = settings
 

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 import ray
 from ray import serve
 
+from loragate.cluster.logs import setup_logging
 from loragate.cluster.report import ReplicaReport
 from loragate.engine.async_engine import AsyncEngine
 from loragate.engine.config import EngineConfig
@@ -69,7 +70,9 @@ def sync_ray_view(owner: object, held: set[str]) -> tuple[str, ...] | None:
 class EngineReplica:
     """Serves `generate` for the ingress and reports its state (see the module docstring)."""
 
-    async def __init__(self, engine_config: EngineConfig, state, report_interval: float = 0.25) -> None:
+    async def __init__(self, engine_config: EngineConfig, state, report_interval: float = 0.25,
+                       log_level: str = "info") -> None:
+        setup_logging(log_level)
         self.engine = AsyncEngine(engine_config)
         self.engine.start_sync()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
