@@ -25,9 +25,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import CACHE, build_tokenizer_cached, machine, smollm_checkpoint, write_random_adapters  # noqa: E402
-from loragate.engine.config import EngineConfig  # noqa: E402
-from loragate.gateway.settings import GatewaySettings  # noqa: E402
+from bench.common import CACHE, build_tokenizer_cached, machine, smollm_checkpoint, write_random_adapters
+from loragate.engine.config import EngineConfig
+from loragate.gateway.settings import GatewaySettings
 
 
 def tiny_checkpoint() -> Path:

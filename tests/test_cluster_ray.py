@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import openai
@@ -19,18 +18,18 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 pytestmark = pytest.mark.slow
 
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families
 
-from loragate.cluster.app import INGRESS_DEPLOYMENT, STATE_DEPLOYMENT, build_app  # noqa: E402
-from loragate.cluster.config import ClusterConfig  # noqa: E402
-from loragate.cluster.launch import local_runtime_env  # noqa: E402
-from loragate.cluster.replica import HELD_TIERS  # noqa: E402
-from loragate.engine.async_engine import AsyncEngine  # noqa: E402
-from loragate.engine.config import EngineConfig  # noqa: E402
-from loragate.gateway import GatewaySettings, create_app  # noqa: E402
-from loragate.testing import build_adapter  # noqa: E402
-from tests.test_examples import free_port  # noqa: E402
-from tests.test_gateway import running_server, wait_for  # noqa: E402
+from loragate.cluster.app import INGRESS_DEPLOYMENT, STATE_DEPLOYMENT, build_app
+from loragate.cluster.config import ClusterConfig
+from loragate.cluster.launch import local_runtime_env
+from loragate.cluster.replica import HELD_TIERS
+from loragate.engine.async_engine import AsyncEngine
+from loragate.engine.config import EngineConfig
+from loragate.gateway import GatewaySettings, create_app
+from loragate.testing import build_adapter
+from tests.test_examples import free_port
+from tests.test_gateway import running_server, wait_for
 
 APP = "loragate"
 ADMIN, KEY_A = "sk-admin", "sk-acme"
@@ -227,13 +226,12 @@ def test_client_disconnect_aborts_on_the_replica(cluster):
     steps_before = reports(cluster)[home].stats.steps
     body = {"model": "a2", "prompt": "a long answer", "max_tokens": 240, "temperature": 0, "stream": True,
             "ignore_eos": True}
-    with httpx.Client(timeout=60) as h:
-        with h.stream("POST", url + "/v1/completions", json=body, headers=HEADERS) as r:
-            seen = 0
-            for line in r.iter_lines():
-                seen += line.startswith("data: {")
-                if seen >= 3:
-                    break
+    with httpx.Client(timeout=60) as h, h.stream("POST", url + "/v1/completions", json=body, headers=HEADERS) as r:
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data: {")
+            if seen >= 3:
+                break
     wait_for(lambda: (s := reports(cluster)[home].stats).running == 0 and s.waiting == 0 and s.kv_blocks_used == 0,
              timeout=30, what="the replica's request aborted and its blocks freed")
     # finishing would have taken 240 decode steps; the replica stopped well before
@@ -241,22 +239,21 @@ def test_client_disconnect_aborts_on_the_replica(cluster):
 
 
 def stream_events(url: str, model: str, max_tokens: int, log: dict) -> None:
-    body = {"model": model, "prompt": f"story {len(log)}", "max_tokens": max_tokens, "temperature": 0,
+    """One streamed completion; `log` gets its HTTP status, every SSE event, the number of content
+    chunks and the finish reason."""
+    body = {"model": model, "prompt": f"story {max_tokens}", "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "ignore_eos": True}
-    log["chunks"] = 0
-    log["events"] = []
-    log["finish"] = None
-    with httpx.Client(timeout=httpx.Timeout(60)) as h:
-        with h.stream("POST", url + "/v1/completions", json=body, headers=HEADERS) as r:
-            log["status"] = r.status_code
-            for line in r.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                log["events"].append(line[6:])
-                if line[6:] == "[DONE]" or "error" in (event := json.loads(line[6:])):
-                    continue
-                log["chunks"] += 1
-                log["finish"] = event["choices"][0]["finish_reason"] or log["finish"]
+    log.update(chunks=0, events=[], finish=None)
+    with httpx.Client(timeout=60) as h, h.stream("POST", url + "/v1/completions", json=body, headers=HEADERS) as r:
+        log["status"] = r.status_code
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            log["events"].append(line[6:])
+            if line[6:] == "[DONE]" or "error" in (event := json.loads(line[6:])):
+                continue
+            log["chunks"] += 1
+            log["finish"] = event["choices"][0]["finish_reason"] or log["finish"]
 
 
 def test_killed_replica_loses_no_request_that_had_not_started(cluster):

@@ -60,9 +60,8 @@ def families(text: str) -> dict:
 def stream(url: str, model: str, prompt: str, max_tokens: int, done: list) -> None:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True}
-    with httpx.Client(timeout=60) as h:
-        with h.stream("POST", url + "/v1/completions", json=body) as r:
-            lines = [line for line in r.iter_lines() if line]
+    with httpx.Client(timeout=60) as h, h.stream("POST", url + "/v1/completions", json=body) as r:
+        lines = [line for line in r.iter_lines() if line]
     done.append((model, r.status_code, lines[-1] if lines else ""))
 
 
@@ -91,7 +90,7 @@ def test_vllm_series_match_the_engine_under_load(adapter_root):
         inner = engine.engine
         running = {s.request.adapter for s in inner.scheduler.running}
         assert running == {"a0", "a1"}
-        sample = lambda name: fam[name].samples  # noqa: E731
+        sample = lambda name: fam[name].samples
         assert [(s.labels, s.value) for s in sample("vllm:num_requests_running")] == [({"model_name": "tiny"}, 2)]
         assert [(s.labels, s.value) for s in sample("vllm:num_requests_waiting")] == [({"model_name": "tiny"}, 3)]
         assert inner.scheduler.num_waiting == 3
@@ -121,7 +120,7 @@ def test_vllm_series_match_the_engine_under_load(adapter_root):
         assert (pod.running_requests, pod.waiting_queue, pod.kv_usage) == (0, 0, 0.0)
         assert pod.active == resident and len(resident) == 2 and pod.waiting_adapters == set()
         assert pod.lora_series == 1  # replaced on every scrape, never piling up old label sets
-        stamp = lambda: families(httpx.get(url + "/metrics").text)["vllm:lora_requests_info"].samples  # noqa: E731
+        stamp = lambda: families(httpx.get(url + "/metrics").text)["vllm:lora_requests_info"].samples
         (before,), (after,) = stamp(), stamp()
         assert after.value >= before.value  # the value is the time of the update
 

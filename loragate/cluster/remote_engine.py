@@ -40,8 +40,9 @@ from loragate.engine.tokenizer import Tokenizer
 log = logging.getLogger("loragate.cluster")
 
 REPLICA_GONE = (RayActorError, ActorUnavailableError)
-NOT_IN_CLUSTER = ("adapters are registered and removed through --adapter / --adapter-dir when serving with "
-                  "--ray-replicas (folders added to --adapter-dir are found on first use, on every replica)")
+NOT_IN_CLUSTER = ("with --ray-replicas the adapters are the configured ones (--adapter, --adapter-dir; folders "
+                  "added to --adapter-dir are found on first use, on every replica): no runtime registration, "
+                  "remote sources or merges")
 
 
 class RemoteEngine:
@@ -154,7 +155,19 @@ class RemoteEngine:
     def list_adapters(self) -> list[AdapterStats]:
         return aggregate_adapters(self.registry.names(), self.registry.resolve, self.reports)
 
+    # Adapters made at runtime (admin registration, hub/s3 sources, merges) would have to exist on
+    # every replica, present and future; the cluster serves the configured ones only, and says so
+    # with a 400 instead of failing.
+    adapter_sources: tuple[str, ...] = ("local",)
+
     def register_adapter(self, name: str, path: str) -> AdapterStats:
+        raise ValueError(NOT_IN_CLUSTER)
+
+    def remote_adapter(self, source: str, ref: str, token: str | None = None) -> str:
+        raise ValueError(NOT_IN_CLUSTER)
+
+    def merged_adapter(self, names: list[str], weights: list[float], strategy: str | None = None,
+                       density: float | None = None, majority_sign_method: str | None = None) -> str:
         raise ValueError(NOT_IN_CLUSTER)
 
     async def unregister_adapter(self, name: str) -> None:
