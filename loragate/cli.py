@@ -119,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSON {"keys": [{"key", "tenant", "adapters": [...] or "*", "base": true, '
                    '"admin": false}]}: per-customer keys limited to their adapters')
     h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r = s.add_argument_group("scale-out on Ray Serve (pip install 'loragate[ray]')")
+    r.add_argument("--ray-replicas", type=int, default=0, metavar="N",
+                   help="run N engine replicas behind one OpenAI-compatible ingress on Ray Serve, adapter "
+                   "requests routed to replicas that hold the adapter (0: one process, no Ray)")
+    r.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    r.add_argument("--ray-max-ongoing-requests", type=int, metavar="N",
+                   help="requests Ray hands one replica at once (default: 2 x --max-num-seqs)")
+    r.add_argument("--ray-num-cpus-per-replica", type=float, default=1.0, help="Ray CPUs each replica reserves")
+    r.add_argument("--ray-num-gpus-per-replica", type=float,
+                   help="Ray GPUs each replica reserves (default: 1 when the engine runs on CUDA, else 0)")
+    r.add_argument("--ray-ingress-replicas", type=int, default=1, help="replicas of the HTTP ingress")
+    r.add_argument("--ray-multiplex", action=argparse.BooleanOptionalAction, default=True,
+                   help="route adapter requests by Ray Serve model multiplexing (adapter affinity)")
     return p
 
 
@@ -198,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_configs(args)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
+    if args.ray_replicas:
+        from loragate.cluster.config import cluster_config
+        from loragate.cluster.launch import serve_cluster
+
+        serve_cluster(cfg, cluster_config(args))
+        return 0
     serve(cfg)
     return 0
 

@@ -26,7 +26,7 @@ from loragate.engine.errors import (
     EngineDeadError,
     QueueFullError,
 )
-from loragate.engine.outputs import AdapterStats, EngineRequest, EngineStats, RequestOutput
+from loragate.engine.outputs import AdapterStats, EngineRequest, EngineStats, LoraState, RequestOutput
 
 log = logging.getLogger("loragate.engine")
 
@@ -46,6 +46,8 @@ class AsyncEngine:
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.model_name = config.served_model_name or Path(config.model).name
+        self.block_size = self.engine.kv.block_size
+        self._last_lora_state: LoraState | None = None
         self._cmds: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -177,7 +179,39 @@ class AsyncEngine:
         return EngineStats(s.running, s.waiting, s.kv_blocks_used, s.kv_blocks_total, s.steps, self.is_alive,
                            s.preemptions)
 
+    async def lora_state(self, timeout: float = 5.0) -> LoraState:
+        """The engine's `LoraState`, computed on the loop thread between two steps (the scheduler's
+        queues are only consistent there). With no loop running nothing mutates them, so it is read
+        directly; a loop that does not answer within `timeout` (a very long step) gets the last
+        state it computed."""
+        if not self.is_alive:
+            return self.engine.lora_state()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+
+        def compute() -> None:
+            try:
+                state = self.engine.lora_state()
+            except Exception as exc:  # noqa: BLE001 - reported to the caller, never kills the loop
+                loop.call_soon_threadsafe(_set_exc, fut, exc)
+            else:
+                self._last_lora_state = state
+                loop.call_soon_threadsafe(_set_result, fut, state)
+
+        self._post(compute)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            slots = self.engine.lora.max_loras if self.engine.lora is not None else 0
+            return self._last_lora_state or LoraState((), (), slots)
+
     # ---- adapters --------------------------------------------------------------------------
+    def prefetch_adapter(self, name: str) -> None:
+        """Start moving `name` towards a device slot now, ahead of its first request (the adapter
+        cache's loader thread does the work; this only queues it)."""
+        if self.engine.adapters is not None and self.has_adapter(name):
+            self.engine.adapters.request(name)
+
     def has_adapter(self, name: str) -> bool:
         return self.engine.adapters is not None and name not in self._pending_unregister \
             and self.engine.registry.exists(name)
@@ -223,6 +257,10 @@ class AsyncEngine:
                 path = self.engine.registry.resolve(name) or ""
                 out.append(AdapterStats(name, path, "disk", _dir_size(path), None, 0, 0, None))
         return out
+
+    def cached_adapters(self) -> list[AdapterStats]:
+        """Only the adapters the cache holds an entry for (no directory listing: cheap to poll)."""
+        return self.engine.adapters.stats() if self.engine.adapters is not None else []
 
     def register_adapter(self, name: str, path: str) -> AdapterStats:
         """Validate the adapter by loading it once, then register it under `name`."""

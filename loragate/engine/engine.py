@@ -27,7 +27,7 @@ from loragate.engine.model.config import ModelConfig
 from loragate.engine.model.llama import LlamaModel
 from loragate.engine.model.loader import fused_weights, read_tensors, resolve_dtype
 from loragate.engine.model.lora import LoraWeights
-from loragate.engine.outputs import EngineRequest, EngineStats, RequestOutput, TokenLogprob
+from loragate.engine.outputs import EngineRequest, EngineStats, LoraState, RequestOutput, TokenLogprob
 from loragate.engine.sampler import Sampler, SampleRow, make_generator
 from loragate.engine.scheduler import Scheduler
 from loragate.engine.sequence import Sequence, SeqState
@@ -149,6 +149,16 @@ class Engine:
             alive=alive,
             preemptions=self.scheduler.num_preemptions,
         )
+
+    def lora_state(self) -> LoraState:
+        """Resident adapters, adapters queued requests wait for, and the device slot count (read
+        from the slot buffers, not the flag). Call between steps, on the thread that steps."""
+        if self.adapters is None or self.lora is None:
+            return LoraState((), (), 0)
+        resident = sorted(a.name for a in self.adapters.stats() if a.tier == "device")
+        wanted = {seq.request.adapter for queue in self.scheduler.queues.values() for seq in queue
+                  if seq.request.adapter}
+        return LoraState(tuple(resident), tuple(sorted(wanted.difference(resident))), self.lora.max_loras)
 
     def adapter_in_use(self, name: str) -> bool:
         return any(s.request.adapter == name for s in self.seqs.values())

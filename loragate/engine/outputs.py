@@ -74,3 +74,14 @@ class AdapterStats:
     last_load_seconds: float | None
     pinned: bool = False
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class LoraState:
+    """Where the adapters stand right now, as routers in front of the server want to know it
+    (vLLM's `vllm:lora_requests_info`): which adapters sit in device slots ready to run, which ones
+    queued requests are waiting for (requested but not resident), and how many slots there are."""
+
+    running: tuple[str, ...]
+    waiting: tuple[str, ...]
+    max_loras: int

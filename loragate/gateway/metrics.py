@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from loragate.gateway.vllm_metrics import VllmMetrics
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 TIERS = ("device", "cpu", "disk", "loading", "failed")
@@ -45,6 +47,7 @@ class GatewayMetrics:
                                   ["adapter", "tier"], registry=r)
         self.adapter_load_seconds = Gauge("loragate_adapter_load_seconds", "Duration of the adapter's last load",
                                           ["adapter"], registry=r)
+        self.vllm = VllmMetrics(r)  # the endpoint picker's names (Gateway API Inference Extension)
 
     def observe_engine(self, engine) -> None:
         """Sample engine-level gauges; tolerate a dead engine (its stats are still readable)."""

@@ -13,4 +13,5 @@ router = APIRouter()
 async def metrics(request: Request) -> Response:
     ctx = get_ctx(request)
     ctx.metrics.observe_engine(ctx.engine)
+    await ctx.metrics.vllm.observe_engine(ctx.engine)
     return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
