@@ -383,6 +383,23 @@ def test_compiled_or_interpreted_follows_the_device_not_TRITON_INTERPRET(interpr
     assert res.returncode == 0, res.stderr[-2000:]
 
 
+@needs_triton
+def test_compiled_launches_turn_the_interpret_knob_off_while_they_compile(monkeypatch):
+    """With TRITON_INTERPRET=1 set, triton's constexpr functions would answer as for the interpreter
+    while a CUDA kernel compiles; the launch switches the knob off around it and restores it."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:
+        pytest.skip("this triton has no knobs (and its constexpr functions do not consult one)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert knobs.runtime.interpret
+    with lora_triton._compiling_as_compiled():
+        assert not knobs.runtime.interpret
+    assert knobs.runtime.interpret and os.environ["TRITON_INTERPRET"] == "1"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with lora_triton._compiling_as_compiled():
+        assert not knobs.runtime.interpret
+
+
 def test_package_imports_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"

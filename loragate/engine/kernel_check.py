@@ -75,17 +75,11 @@ class KernelReport:
     seconds: float = 0.0
     fallback: list[str] = field(default_factory=list)  # libraries on the torch path after the check
     warm_seconds: float | None = None
-    warm_variants: int = 0
+    warm_launches: int = 0
 
     @property
     def failures(self) -> list[ProbeResult]:
         return [r for r in self.results if not r.ok]
-
-    @property
-    def fast(self) -> list[str]:
-        """Libraries whose kernels the engine runs."""
-        libs = dict.fromkeys(r.library for r in self.results)
-        return [lib for lib in libs if lib not in self.fallback]
 
     def summary(self) -> str:
         """One line for the start-up log."""
@@ -99,7 +93,8 @@ class KernelReport:
         if self.fallback:
             line += f"; torch path for {', '.join(self.fallback)}"
         if self.warm_seconds is not None:
-            line += f"; {self.warm_variants} Triton launches warmed for this model in {self.warm_seconds:.2f} s"
+            line += (f"; Triton warmed for this model's shapes ({self.warm_launches} launches, compiled or loaded "
+                     f"from Triton's cache) in {self.warm_seconds:.2f} s")
         return line
 
 
@@ -495,7 +490,7 @@ def warm_for_engine(report: KernelReport | None, lora, ranks: Iterable[int]) -> 
             or not lora_dispatch.triton_available():
         return
     try:
-        report.warm_variants, report.warm_seconds = warm_triton(lora, ranks)
+        report.warm_launches, report.warm_seconds = warm_triton(lora, ranks)
     except Exception as exc:  # noqa: BLE001
         kind, cause, fix = _classify_triton_error(exc, lora.device)
         raise KernelCheckError(_refusal(report, [ProbeResult("triton warm-up", "triton", False, 0.0, kind, cause, fix)],

@@ -2,7 +2,7 @@
 native kernel (lora_cpu.py) where it built, and the torch reference otherwise.
 
 `LORAGATE_LORA_BACKEND=triton|torch` forces Triton or not (tests use it to run the Triton kernels
-on CPU tensors under `TRITON_INTERPRET=1`); `LORAGATE_CPU_KERNELS=torch` turns the native CPU
+on CPU tensors, which lora_triton launches through Triton's interpreter); `LORAGATE_CPU_KERNELS=torch` turns the native CPU
 kernel off (see loragate.kernels.native). The variables are read on every call so a test can
 switch them; triton is imported lazily, so the package works where triton is not installed.
 `disable_triton` is the engine's switch (its start-up self-check found the Triton kernels unusable,

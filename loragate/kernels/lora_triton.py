@@ -19,7 +19,9 @@ same process run interpreted (the first GPU run's test failures).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
@@ -151,6 +153,29 @@ class _Kernel:
         """The form that runs on `device`'s tensors."""
         return self.compiled if device.type == "cuda" else self.interpreted
 
+    def launch(self, device: torch.device, grid: tuple, *args, **kwargs) -> None:
+        if device.type != "cuda":
+            self.interpreted[grid](*args, **kwargs)
+        elif os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):  # the usual case: one dict lookup
+            self.compiled[grid](*args, **kwargs)
+        else:
+            with _compiling_as_compiled():
+                self.compiled[grid](*args, **kwargs)
+
+
+@contextmanager
+def _compiling_as_compiled():
+    """Triton's interpret knob off for a compiled launch: its constexpr functions consult the knob
+    while compiling (triton.runtime.jit.constexpr_function), so with TRITON_INTERPRET=1 set they
+    would hand the code generator plain values. Triton versions without knobs need nothing."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime is None or not getattr(runtime, "interpret", False):
+        yield
+        return
+    with runtime.scope():
+        runtime.interpret = False
+        yield
+
 
 SHRINK = _Kernel(_shrink_kernel)
 EXPAND = _Kernel(_expand_kernel)
@@ -196,7 +221,8 @@ def _shrink_into(x: torch.Tensor, A: torch.Tensor, layout: LoraBatchLayout, t: t
     # with int(array), which numpy>=2.4 refuses ("only 0-dimensional arrays can be converted").
     # The compiled form keeps it a runtime argument (one binary for every input width).
     in_dim_arg = tl.constexpr(in_dim) if interpreted(x.device) else in_dim
-    SHRINK.on(x.device)[grid](
+    SHRINK.launch(
+        x.device, grid,
         x, A, t,
         layout.seg_starts, layout.seg_lens, layout.seg_slots, layout.seg_ranks,
         in_dim_arg, R,
@@ -239,7 +265,8 @@ def lora_expand_triton(
     block_n = 64 if max_width >= 64 else 32 if max_width > 16 else 16
     n_col_blocks = triton.cdiv(max_width, block_n)
     grid = (len(layout.segments), triton.cdiv(layout.max_seg_len, block_m), S * n_col_blocks)
-    EXPAND.on(y.device)[grid](
+    EXPAND.launch(
+        y.device, grid,
         y, t, B, _slice_offsets_tensor(offs, y.device),
         layout.seg_starts, layout.seg_lens, layout.seg_slots, layout.seg_ranks, layout.seg_scales,
         n_col_blocks,
