@@ -202,11 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_configs(args)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
+    from loragate.engine.adapters.slots import SlotSizingError
     from loragate.engine.kernel_check import KernelCheckError
 
     try:
         serve(cfg)
-    except KernelCheckError as exc:  # names the cause and the fix: no traceback
+    except (KernelCheckError, SlotSizingError) as exc:  # they name the cause and the fix: no traceback
         print(str(exc), file=sys.stderr)
         return 1
     return 0

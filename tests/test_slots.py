@@ -14,12 +14,13 @@ from loragate.engine import engine as engine_module
 from loragate.engine.adapters.peft_loader import load_peft_adapter
 from loragate.engine.adapters.slots import (
     AUTO_MAX_LORAS,
+    SlotSizingError,
+    StartupAdapters,
     parse_target_modules,
     plan_slots,
     scan_adapters,
     slot_bytes,
     slot_groups,
-    StartupAdapters,
 )
 from loragate.engine.async_engine import AsyncEngine
 from loragate.engine.config import EngineConfig
@@ -81,7 +82,7 @@ def test_auto_is_capped_and_bounded_by_the_adapters_there_are():
 def test_fixed_count_and_bad_inputs():
     fixed = plan(requested=16)
     assert (fixed.max_loras, fixed.auto, fixed.limited_by) == (16, False, "fixed")
-    with pytest.raises(ValueError, match="less than one adapter slot"):
+    with pytest.raises(SlotSizingError, match="less than one adapter slot"):
         plan(free_bytes=100 * MiB)
     with pytest.raises(ValueError, match="adapter-memory-fraction"):
         plan(fraction=1.5)
@@ -193,3 +194,13 @@ def test_auto_engine_reports_its_slots_in_adapters_and_metrics(qv_adapters, monk
         metrics = httpx.get(url + "/metrics", timeout=30).text
         assert f"loragate_adapter_slots_total {float(p.max_loras)}" in metrics
         assert "loragate_adapter_slots_used 1.0" in metrics
+
+
+def test_cli_refuses_a_fraction_too_small_for_one_slot(checkpoints, capsys):
+    from loragate import cli
+
+    rc = cli.main(["serve", "--model", str(checkpoints("llama3")), "--device", "cpu", "--dtype", "float32",
+                   "--kv-cache-memory", "8MiB", "--adapter-memory-fraction", "1e-12", "--log-level", "warning"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "less than one adapter slot" in err and "raise the fraction" in err
+    assert "Traceback" not in err

@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from loragate.kernels import lora as lora_dispatch
 from loragate.kernels import native

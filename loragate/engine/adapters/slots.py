@@ -31,6 +31,10 @@ AUTO_MAX_LORAS = 1024
 ALL_MODULES = tuple(MODULE_TO_GROUP)
 
 
+class SlotSizingError(ValueError):
+    """The flags leave no room for even one adapter slot; the message says which to change."""
+
+
 @dataclass(frozen=True)
 class StartupAdapters:
     """What the adapters registered at start-up need from the slots."""
@@ -170,7 +174,7 @@ def plan_slots(specs: Mapping[str, LoraGroupSpec], num_layers: int, dtype: torch
     limited_by = next(k for k in ("adapters", "memory", "cap") if limits.get(k) == n) if n > 1 or by_memory >= 1 \
         else "memory"
     if by_memory < 1:
-        raise ValueError(
+        raise SlotSizingError(
             f"--adapter-memory-fraction {fraction} of the {free_bytes / 2**20:.0f} MiB left after the weights is "
             f"{budget / 2**20:.1f} MiB, less than one adapter slot ({per / 2**20:.1f} MiB at --max-lora-rank "
             f"{max_rank}, groups {'|'.join(groups)}): raise the fraction, lower --max-lora-rank, or pass "
