@@ -56,6 +56,18 @@ def _sources(text: str) -> tuple[str, ...]:
     return names
 
 
+def _max_loras(text: str) -> int | str:
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number or auto, got {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loragate", description="Serve many LoRA adapters on one base model "
                                 "behind an OpenAI-compatible API.")
@@ -77,10 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve the PEFT adapter at PATH under NAME (repeatable)")
     a.add_argument("--adapter-dir", help="directory whose sub-directories are adapters, found by name on "
                    "first use")
-    a.add_argument("--max-loras", type=int, default=16, help="adapters resident on the device at once")
+    a.add_argument("--max-loras", type=_max_loras, default="auto",
+                   help="adapters resident on the device at once: a number, or auto (as many as "
+                   "--adapter-memory-fraction of the memory left after the weights holds)")
     a.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted")
     a.add_argument("--max-cpu-adapter-memory", type=parse_size, default=2 << 30, metavar="BYTES",
                    help="CPU cache budget for adapters (e.g. 2GiB)")
+    a.add_argument("--adapter-memory-fraction", type=float, default=0.1, metavar="FRACTION",
+                   help="with --max-loras auto: the share of the device memory left after the weights that "
+                   "adapter slots may take (the KV cache gets the rest of its budget)")
+    a.add_argument("--lora-target-modules", default="auto", metavar="auto|all|MODULES",
+                   help="modules the adapter slots hold: auto (with --max-loras auto, those the adapters "
+                   "registered at start-up target; else all), all, or a comma-separated list like q_proj,v_proj")
+    a.add_argument("--lora-kernels", default="auto", choices=["auto", "torch"],
+                   help="auto: the fast kernels (Triton on CUDA, native C++ on the CPU), self-checked at "
+                   "start-up; torch: the torch path everywhere (when the self-check refuses to start)")
     a.add_argument("--pin-adapter", action="append", default=[], metavar="NAME",
                    help="keep this adapter on the device permanently (repeatable)")
     a.add_argument("--allowed-adapter-dir", action="append", default=[], metavar="DIR",
@@ -146,6 +169,7 @@ class ServeConfig:
 
 def build_configs(args: argparse.Namespace) -> ServeConfig:
     """Flags -> EngineConfig + GatewaySettings (no model is loaded here)."""
+    from loragate.engine.adapters.slots import parse_target_modules
     from loragate.engine.config import EngineConfig
     from loragate.gateway.auth import KeyStore
     from loragate.gateway.settings import GatewaySettings
@@ -176,6 +200,9 @@ def build_configs(args: argparse.Namespace) -> ServeConfig:
         adapter_sources=tuple(args.adapter_source), adapter_cache_dir=args.adapter_cache_dir,
         max_adapter_download_bytes=args.max_adapter_download_size,
         adapter_download_timeout=args.adapter_download_timeout, s3_endpoint_url=args.s3_endpoint_url,
+        adapter_memory_fraction=args.adapter_memory_fraction,
+        lora_target_modules=parse_target_modules(args.lora_target_modules),
+        lora_kernels=args.lora_kernels,
     )
     gateway = GatewaySettings(api_keys=tuple(args.api_key), api_keys_file=keys_file,
                               allowed_adapter_dirs=tuple(args.allowed_adapter_dir))
@@ -211,13 +238,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_configs(args)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
-    if args.ray_replicas:
-        from loragate.cluster.config import cluster_config
-        from loragate.cluster.launch import serve_cluster
+    from loragate.engine.adapters.slots import SlotSizingError
+    from loragate.engine.kernel_check import KernelCheckError
 
-        serve_cluster(cfg, cluster_config(args))
-        return 0
-    serve(cfg)
+    try:
+        if args.ray_replicas:
+            from loragate.cluster.config import cluster_config
+            from loragate.cluster.launch import serve_cluster
+
+            serve_cluster(cfg, cluster_config(args))
+            return 0
+        serve(cfg)
+    except (KernelCheckError, SlotSizingError) as exc:  # they name the cause and the fix: no traceback
+        print(str(exc), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -55,3 +55,41 @@ def test_engine_on_cuda_matches_cpu(checkpoints, tmp_path):
         results[device] = [tokens(outs[r.request_id]) for r in reqs]
         engine.shutdown()
     assert results["cuda"] == results["cpu"]
+
+
+def test_cuda_launches_compiled_kernels_even_with_TRITON_INTERPRET_set(monkeypatch):
+    """The first GPU run's failure: another test module had set TRITON_INTERPRET=1, and CUDA
+    launches in the same process went through the interpreter. The form now follows the device."""
+    import triton.runtime.interpreter as interpreter
+
+    from loragate.kernels import lora_triton
+
+    def interpreted(*args, **kwargs):
+        raise AssertionError("a CUDA launch went through Triton's interpreter")
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", interpreted)
+    layout = LoraBatchLayout.from_token_slots([0, 0, -1, 1], [4, 8], [1.0, 0.5], "cuda")
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(2, 1, 8, 64, generator=g).to("cuda", torch.bfloat16)
+    B = torch.randn(2, 96, 8, generator=g).to("cuda", torch.bfloat16)
+    x = torch.randn(4, 64, generator=g).to("cuda", torch.bfloat16)
+    y = torch.zeros(4, 96, device="cuda", dtype=torch.bfloat16)
+    ref = y.float().clone()
+    add_lora_ref(ref, x.float(), A.float(), B.float(), [0, 96], layout)
+    lora_triton.add_lora_triton(y, x, A, B, [0, 96], layout)
+    torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=5e-2)
+
+
+def test_self_check_passes_and_warms_on_cuda():
+    from loragate.engine.kernel_check import check_kernels, warm_triton
+    from loragate.engine.model.lora import LoraWeights, group_specs
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        report = check_kernels(torch.device("cuda"), dtype, "auto")
+        assert report.results and all(r.ok for r in report.results), [r.cause for r in report.failures]
+    lora = LoraWeights(group_specs(576, 576, 192, 1536), 2, 4, 16, torch.device("cuda"), torch.bfloat16,
+                       groups=("qkv", "down"))
+    launches, seconds = warm_triton(lora, ranks=[8])
+    assert launches == 2 * 3  # two groups, three row-block sizes, one rank bucket
+    assert all(torch.count_nonzero(b) == 0 for b in lora.B[0].values())

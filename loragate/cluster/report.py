@@ -53,6 +53,7 @@ def aggregate_stats(reports: Iterable[ReplicaReport]) -> EngineStats:
         steps=sum(r.stats.steps for r in reports),
         alive=any(r.stats.alive for r in reports),
         preemptions=sum(r.stats.preemptions for r in reports),
+        lora_slots=sum(r.stats.lora_slots for r in reports),
     )
 
 

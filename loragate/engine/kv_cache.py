@@ -82,11 +82,15 @@ class KVCache:
         return block_table[position // block_size] * block_size + position % block_size
 
 
-def kv_budget_bytes(explicit: int | None, device: torch.device, fraction: float, cpu_default: int) -> int:
-    """Bytes the KV cache may take: explicit wins; CUDA takes a fraction of free memory."""
+def kv_budget_bytes(explicit: int | None, device: torch.device, fraction: float, cpu_default: int,
+                    free: int | None = None, reserved: int = 0) -> int:
+    """Bytes the KV cache may take: explicit wins; CUDA takes a fraction of the memory `free`
+    after the weights (measured now when not given), less the `reserved` bytes the adapter slots
+    took out of that same budget."""
     if explicit is not None:
         return explicit
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free * fraction)
+        if free is None:
+            free, _total = torch.cuda.mem_get_info(device)
+        return max(0, int(free * fraction) - reserved)
     return cpu_default

@@ -58,6 +58,7 @@ class EngineStats:
     steps: int
     alive: bool
     preemptions: int = 0
+    lora_slots: int = 0  # adapter slots on the device (--max-loras, or what `auto` sized)
 
 
 @dataclass

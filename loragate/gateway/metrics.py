@@ -48,6 +48,11 @@ class GatewayMetrics:
         self.adapter_load_seconds = Gauge("loragate_adapter_load_seconds", "Duration of the adapter's last load",
                                           ["adapter"], registry=r)
         self.vllm = VllmMetrics(r)  # the endpoint picker's names (Gateway API Inference Extension)
+        self.adapter_slots = Gauge("loragate_adapter_slots_total",
+                                   "Adapter slots on the device (--max-loras, or what auto sized from memory)",
+                                   registry=r)
+        self.adapter_slots_used = Gauge("loragate_adapter_slots_used", "Adapter slots holding an adapter",
+                                        registry=r)
 
     def observe_engine(self, engine) -> None:
         """Sample engine-level gauges; tolerate a dead engine (its stats are still readable)."""
@@ -60,7 +65,10 @@ class GatewayMetrics:
         self.alive.set(1 if engine.is_alive else 0)
         self.adapter_tier.clear()
         self.adapter_load_seconds.clear()
-        for a in engine.list_adapters():
+        adapters = engine.list_adapters()
+        self.adapter_slots.set(getattr(s, "lora_slots", 0))
+        self.adapter_slots_used.set(sum(1 for a in adapters if a.tier == "device"))
+        for a in adapters:
             for tier in TIERS:
                 self.adapter_tier.labels(a.name, tier).set(1 if a.tier == tier else 0)
             if a.last_load_seconds is not None:

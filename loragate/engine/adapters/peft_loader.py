@@ -46,6 +46,8 @@ class BaseModelInfo:
     num_layers: int
     module_shapes: dict[str, tuple[int, int]]  # peft module name -> (in_features, out_features)
     dtype: torch.dtype
+    # modules the device slots hold, when they were sized for fewer than all (adapters/slots.py)
+    slot_modules: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -237,6 +239,11 @@ def load_peft_adapter(path: str | Path, name: str, base: BaseModelInfo, max_rank
         a, b = ab["A"], ab["B"]
         if module not in base.module_shapes:
             raise _fail(name, f"the base model has no LoRA-capable {module}")
+        if base.slot_modules is not None and module not in base.slot_modules:
+            raise _fail(name, f"targets {module}, but this server's adapter slots hold only "
+                              f"{', '.join(base.slot_modules)}: --max-loras auto sized them at start-up for the "
+                              "modules the adapters registered then target; restart with --lora-target-modules all "
+                              "(or list the modules)")
         in_f, out_f = base.module_shapes[module]
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
             raise _fail(name, f"shape mismatch for {where}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "

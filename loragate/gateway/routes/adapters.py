@@ -47,7 +47,11 @@ def allowed_path(path: str, allowed_dirs: tuple[str, ...]) -> str:
 
 @router.get("/v1/adapters")
 async def list_adapters(request: Request, _: Principal = Depends(require_admin)) -> dict:
-    return {"object": "list", "data": [_card(a) for a in get_ctx(request).engine.list_adapters()]}
+    engine = get_ctx(request).engine
+    adapters = engine.list_adapters()
+    # device slots: how many (--max-loras, or what `auto` sized from memory) and how many hold an adapter
+    slots = {"total": getattr(engine.stats(), "lora_slots", 0), "used": sum(1 for a in adapters if a.tier == "device")}
+    return {"object": "list", "data": [_card(a) for a in adapters], "slots": slots}
 
 
 @router.post("/v1/adapters")
