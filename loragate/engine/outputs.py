@@ -44,6 +44,7 @@ class RequestOutput:
     # timing, filled on the engine side (monotonic seconds) for metrics
     queue_time: float | None = None
     first_token_time: float | None = None
+    error_kind: str | None = None  # with finish_reason "error": "adapter_load" = the client's adapter is bad
 
 
 @dataclass
