@@ -15,7 +15,9 @@ Keys come from two places:
   `adapters` is a list of adapter names or "*" for all (default: none); `base` (default true)
   says whether the key may use the base model; `admin` (default false) allows
   `POST/DELETE /v1/adapters`; `tenant` (default: the entry's position, "key-N") is what the
-  engine's fair scheduler counts.
+  engine's fair scheduler counts. `max_concurrent` (requests in flight) and `tokens_per_minute`
+  (prompt + completion tokens) limit one key; past them it gets 429 with Retry-After
+  (`quotas.py`).
 
 With no keys configured at all the server is open: every caller has full access.
 
@@ -30,7 +32,7 @@ import hmac
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loragate.gateway.errors import APIError
 
@@ -44,6 +46,8 @@ class KeyFileEntry(BaseModel):
     adapters: list[str] | Literal["*"] = Field(default_factory=list)
     base: bool = True
     admin: bool = False
+    max_concurrent: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
 
 
 class KeyFile(BaseModel):
@@ -59,6 +63,9 @@ class Principal:
     adapters: frozenset[str] | None  # None = every adapter
     base: bool = True
     admin: bool = False
+    key_id: str = ""  # which key (its entry's position, never the key itself): per-key limits
+    max_concurrent: int | None = None
+    tokens_per_minute: int | None = None
 
     def can_use_adapter(self, name: str) -> bool:
         return self.adapters is None or name in self.adapters
@@ -84,15 +91,22 @@ class KeyStore:
     @classmethod
     def build(cls, api_keys: tuple[str, ...] | list[str] = (), keys_file: dict[str, Any] | None = None,
               admin_keys: tuple[str, ...] | list[str] = ()) -> "KeyStore":
-        """Raises pydantic.ValidationError (a ValueError) on a malformed keys file."""
+        """Raises ValueError on a malformed keys file, naming the entry and field but never quoting
+        the file's values (they are keys)."""
         entries: list[tuple[str, Principal]] = []
         for i, key in enumerate([*api_keys, *admin_keys]):
-            entries.append((key, Principal(tenant=f"admin-{i}", adapters=None, base=True, admin=True)))
+            entries.append((key, Principal(tenant=f"admin-{i}", adapters=None, base=True, admin=True,
+                                           key_id=f"admin-{i}")))
         if keys_file is not None:
-            parsed = KeyFile.model_validate(keys_file)
+            try:
+                parsed = KeyFile.model_validate(keys_file)
+            except ValidationError as exc:
+                where = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'file'}: {e['msg']}" for e in exc.errors())
+                raise ValueError(f"invalid keys file: {where}") from None
             for i, e in enumerate(parsed.keys):
                 adapters = None if e.adapters == "*" else frozenset(e.adapters)
-                entries.append((e.key, Principal(e.tenant or f"key-{i}", adapters, e.base, e.admin)))
+                entries.append((e.key, Principal(e.tenant or f"key-{i}", adapters, e.base, e.admin, f"key-{i}",
+                                                 e.max_concurrent, e.tokens_per_minute)))
         return cls(entries)
 
     def lookup(self, key: str) -> Principal | None:
