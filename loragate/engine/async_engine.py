@@ -78,7 +78,9 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        self.engine.shutdown()
+        self.engine.shutdown()  # joins the adapter loader thread
+        loop_alive = self._thread is not None and self._thread.is_alive()
+        log.info("engine stopped: step loop %s, adapter loader stopped", "still running" if loop_alive else "joined")
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.shutdown_sync)

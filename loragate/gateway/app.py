@@ -15,6 +15,7 @@ from loragate import __version__
 from loragate.gateway.auth import KeyStore
 from loragate.gateway.context import GatewayContext
 from loragate.gateway.errors import install_error_handlers
+from loragate.gateway.limits import BodyLimitMiddleware
 from loragate.gateway.metrics import GatewayMetrics
 from loragate.gateway.middleware import RequestLogMiddleware
 from loragate.gateway.routes import adapters, chat, completions, health, metrics, models
@@ -41,5 +42,6 @@ def create_app(engine, settings: GatewaySettings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (chat, completions, models, adapters, health, metrics):
         app.include_router(module.router)
-    app.add_middleware(RequestLogMiddleware, metrics=gateway_metrics)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    app.add_middleware(RequestLogMiddleware, metrics=gateway_metrics)  # outermost
     return app

@@ -22,6 +22,7 @@ from loragate.gateway.streaming import DONE, sse
 log = logging.getLogger("loragate.gateway")
 
 
+SLOW_READER_SECONDS = 2.0
 _END = object()  # a choice's outputs are complete
 _FAILED = object()  # `fail()` was called: the consumer raises the stored error
 
@@ -34,9 +35,11 @@ class Generation:
     `aclose()` aborts whatever is unfinished.
 
     One pump task per engine request moves its outputs into a shared queue as they arrive, so
-    the engine side never waits on the client. The queue is bounded per choice
-    (`max_stream_buffer`): a client that stops reading makes the response fail and its engine
-    requests abort, instead of letting outputs pile up in server memory. Admission checks run
+    the engine side never waits on the client. A client that stops reading (the response is
+    stuck in a send for SLOW_READER_SECONDS while more than `max_stream_buffer` outputs per choice
+    wait) makes the response fail and its engine requests abort, instead of letting outputs pile
+    up in server memory. A consumer that keeps reading but formats slower than a tiny model
+    generates is not a slow reader: its backlog is bounded by max_tokens. Admission checks run
     first, in order: shutting down (503), too many choices (400), the gateway's in-flight bound
     (429), the waiting bound (503), the key's own limits (429)."""
 
@@ -58,6 +61,7 @@ class Generation:
         self._acquired = False
         self._waiting = 0
         self._quota = False
+        self._taken_at = time.monotonic()  # when the consumer last asked for an output
 
     def _admit(self) -> None:
         ctx, settings, n = self.ctx, self.ctx.settings, len(self.requests)
@@ -123,7 +127,7 @@ class Generation:
         try:
             async for out in self._agens[i]:
                 self._queue.put_nowait((i, out))
-                if self._queue.qsize() > limit:
+                if self._queue.qsize() > limit and time.monotonic() - self._taken_at > SLOW_READER_SECONDS:
                     self.fail(APIError(500, "the client is not reading the response fast enough; the request "
                                        "was aborted", "server_error", None, "client_too_slow"))
                     await self._agens[i].aclose()  # aborts this choice's engine request now
@@ -158,6 +162,7 @@ class Generation:
         done = [False] * len(self.requests)
         early, self._early = self._early, []
         while not all(done):
+            self._taken_at = time.monotonic()
             i, item = early.pop(0) if early else await self._queue.get()
             if item is _FAILED:
                 raise self._failure

@@ -20,9 +20,14 @@ from loragate.gateway.protocol import RegisterAdapterRequest
 router = APIRouter()
 
 
-def require_admin(principal: Principal = Depends(authenticate)) -> Principal:
+def forbidden() -> APIError:
+    """403 for a key without the right: no detail on what exists or why (admin routes, metrics)."""
+    return APIError(403, "Forbidden.", "permission_error", None, "forbidden")
+
+
+async def require_admin(principal: Principal = Depends(authenticate)) -> Principal:
     if not principal.admin:
-        raise APIError(403, "this API key may not manage adapters", "permission_error", None, "forbidden")
+        raise forbidden()
     return principal
 
 
@@ -37,7 +42,10 @@ def allowed_path(path: str, allowed_dirs: tuple[str, ...]) -> str:
     if not allowed_dirs:
         raise APIError(403, "adapter registration is disabled: no --allowed-adapter-dir configured",
                        "permission_error", "path", "forbidden")
-    real = Path(os.path.realpath(path))
+    try:
+        real = Path(os.path.realpath(path))
+    except (ValueError, OSError):  # e.g. an embedded NUL byte
+        raise bad_request("path is not a valid filesystem path", "path", "invalid_path") from None
     for d in allowed_dirs:
         root = Path(os.path.realpath(d))
         if real == root or root in real.parents:
@@ -59,7 +67,7 @@ async def register_adapter(request: Request, _: Principal = Depends(require_admi
                        "adapter_exists")
     path = allowed_path(body.path, ctx.settings.allowed_adapter_dirs)
     if not Path(path).is_dir():
-        raise bad_request(f"no adapter directory at {body.path!r}", "path", "adapter_not_found")
+        raise bad_request("no adapter directory at the given path", "path", "adapter_not_found")
     try:
         stats = ctx.engine.register_adapter(body.name, path)
     except Exception as exc:

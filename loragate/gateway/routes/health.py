@@ -1,4 +1,5 @@
-"""GET /health: 200 while the engine's step loop runs, 503 once it has died (no auth, for probes)."""
+"""GET /health: 200 while the engine's step loop runs, 503 once it has died or the server is draining
+for shutdown (no auth, for probes: a load balancer stops sending traffic at once)."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
@@ -11,7 +12,12 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    if get_ctx(request).engine.is_alive:
+    ctx = get_ctx(request)
+    if ctx.draining:
+        return JSONResponse({"status": "draining", "error": {"message": "the server is shutting down",
+                                                             "type": "server_error", "param": None,
+                                                             "code": "server_shutting_down"}}, status_code=503)
+    if ctx.engine.is_alive:
         return JSONResponse({"status": "ok"})
     return JSONResponse({"status": "error", "error": {"message": "engine is not running", "type": "server_error",
                                                       "param": None, "code": "engine_dead"}}, status_code=503)
