@@ -109,9 +109,15 @@ def test_lone_surrogates_and_nul_bytes(env):
     assert_error_shape(r, 400, "invalid_path")
 
 
-def test_too_many_choices_is_400(env):
+def test_too_many_choices_is_400(env, monkeypatch):
     r = post(env["url"], "/v1/completions", completion(prompt=["a", "b", "c"], n=6))
     assert_error_shape(r, 400, "too_many_choices")
+    encoded = []
+    tok = env["engine"].tokenizer
+    monkeypatch.setattr(tok, "encode", lambda *a, **k: encoded.append(1) or [5])
+    r = post(env["url"], "/v1/completions", completion(prompt=["p"] * 17))
+    assert_error_shape(r, 400, "too_many_choices")
+    assert encoded == []  # refused before tokenizing thousands of prompts
 
 
 # ---- load limits ------------------------------------------------------------------------------

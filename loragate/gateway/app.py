@@ -18,6 +18,7 @@ from loragate.gateway.errors import install_error_handlers
 from loragate.gateway.limits import BodyLimitMiddleware
 from loragate.gateway.metrics import GatewayMetrics
 from loragate.gateway.middleware import RequestLogMiddleware
+from loragate.gateway.openapi import install_openapi
 from loragate.gateway.routes import adapters, chat, completions, health, metrics, models
 from loragate.gateway.settings import GatewaySettings
 
@@ -40,6 +41,7 @@ def create_app(engine, settings: GatewaySettings | None = None) -> FastAPI:
     app.state.ctx = GatewayContext(engine=engine, settings=settings, keys=keys, metrics=gateway_metrics)
     app.state.created = int(time.time())
     install_error_handlers(app)
+    install_openapi(app)
     for module in (chat, completions, models, adapters, health, metrics):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)

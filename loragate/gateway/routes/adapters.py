@@ -15,6 +15,7 @@ from loragate.gateway.errors import (
     from_engine_error,
     model_not_found,
 )
+from loragate.gateway.openapi import AdapterCard, AdapterDeleted, AdapterList, error_responses, json_body
 from loragate.gateway.protocol import RegisterAdapterRequest
 
 router = APIRouter()
@@ -53,12 +54,13 @@ def allowed_path(path: str, allowed_dirs: tuple[str, ...]) -> str:
     raise APIError(403, "path is outside the allowed adapter directories", "permission_error", "path", "forbidden")
 
 
-@router.get("/v1/adapters")
+@router.get("/v1/adapters", responses={200: {"model": AdapterList}, **error_responses(401, 403)})
 async def list_adapters(request: Request, _: Principal = Depends(require_admin)) -> dict:
     return {"object": "list", "data": [_card(a) for a in get_ctx(request).engine.list_adapters()]}
 
 
-@router.post("/v1/adapters")
+@router.post("/v1/adapters", openapi_extra=json_body(RegisterAdapterRequest),
+             responses={200: {"model": AdapterCard}, **error_responses(400, 401, 403, 409, 413)})
 async def register_adapter(request: Request, _: Principal = Depends(require_admin)) -> dict:
     ctx = get_ctx(request)
     body = await parse_body(request, RegisterAdapterRequest)
@@ -78,7 +80,7 @@ async def register_adapter(request: Request, _: Principal = Depends(require_admi
     return _card(stats)
 
 
-@router.delete("/v1/adapters/{name}")
+@router.delete("/v1/adapters/{name}", responses={200: {"model": AdapterDeleted}, **error_responses(401, 403, 404)})
 async def delete_adapter(name: str, request: Request, _: Principal = Depends(require_admin)) -> dict:
     engine = get_ctx(request).engine
     if not engine.has_adapter(name):

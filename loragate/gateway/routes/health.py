@@ -6,11 +6,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from loragate.gateway.context import get_ctx
+from loragate.gateway.openapi import HealthStatus
 
 router = APIRouter()
 
 
-@router.get("/health")
+@router.get("/health", responses={200: {"model": HealthStatus}, 503: {"model": HealthStatus,
+                                   "description": "Draining for shutdown, or the engine is not running"}})
 async def health(request: Request) -> JSONResponse:
     ctx = get_ctx(request)
     if ctx.draining:

@@ -10,12 +10,15 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from loragate.gateway.context import authenticate, get_ctx
+from loragate.gateway.openapi import error_responses
 from loragate.gateway.routes.adapters import forbidden
 
 router = APIRouter()
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses={
+    200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+          "description": "Prometheus text exposition"}, **error_responses(401, 403)})
 async def metrics(request: Request) -> Response:
     ctx = get_ctx(request)
     if ctx.settings.metrics_auth == "admin" and not (await authenticate(request)).admin:
