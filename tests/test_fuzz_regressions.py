@@ -63,3 +63,42 @@ def test_seed_beyond_64_bits_was_500():
         assert torch.equal(draws, torch.rand(4, generator=make_generator(seed % 2**64, "cpu")))
     assert torch.equal(torch.rand(4, generator=make_generator(-1, "cpu")),
                        torch.rand(4, generator=make_generator(2**64 - 1, "cpu")))
+
+
+def test_adapter_deleted_during_submission_was_500(checkpoints):
+    """Soak finding: a request that passed the adapter check just before the adapter was deleted
+    reached the engine loop, whose add failed, and the client got 500 generation_error; it is the
+    404 the client would have got a moment later."""
+    import asyncio
+
+    from loragate.engine.async_engine import AsyncEngine
+    from loragate.engine.config import EngineConfig
+    from loragate.engine.outputs import EngineRequest
+    from loragate.engine.sampling_params import SamplingParams
+    from loragate.gateway.generation import output_error
+
+    engine = AsyncEngine(EngineConfig(model=str(checkpoints("llama3")), dtype="float32", device="cpu",
+                                      kv_cache_memory=8 << 20))
+    engine.start_sync()
+    try:
+        async def submit_for_missing_adapter():
+            agen = engine.generate(EngineRequest("race-1", [5, 6, 7], SamplingParams(max_tokens=2), adapter=None))
+            real_check, calls = engine.engine.check_request, []
+
+            def check_passes_once(req):  # the submission's check passed, the loop's add does not
+                calls.append(req)
+                if len(calls) > 1:
+                    real_check(req)
+
+            engine.engine.check_request = check_passes_once
+            req = EngineRequest("race-2", [5, 6, 7], SamplingParams(max_tokens=2), adapter="gone")
+            out = await engine.generate(req).__anext__()  # ...but the loop's add finds no adapter
+            await agen.aclose()
+            return out
+
+        out = asyncio.run(submit_for_missing_adapter())
+        assert out.finished and out.error_kind == "adapter_not_found"
+        err = output_error(out)
+        assert err.status == 404 and err.code == "model_not_found"
+    finally:
+        engine.shutdown_sync()

@@ -270,3 +270,13 @@ def test_started_request_waits_no_longer_than_its_client(env):
         wait_for(lambda: ctx.waiting == 0 and ctx.inflight == 0, timeout=5, what="counters back to zero")
     finally:
         fake.token_delay = 0.0
+
+
+def test_deleted_adapter_leaves_no_metric_series(env):
+    url, h = env["url"], {"Authorization": f"Bearer {ADMIN}"}
+    path = make_adapter_dir(env["root"], "churned-7")
+    assert httpx.post(url + "/v1/adapters", json={"name": "churned-7", "path": path}, headers=h).status_code == 200
+    assert post(url, "/v1/completions", completion(model="churned-7")).status_code == 200
+    assert 'model="churned-7"' in httpx.get(url + "/metrics", headers=h).text
+    assert httpx.delete(url + "/v1/adapters/churned-7", headers=h).status_code == 200
+    assert "churned-7" not in httpx.get(url + "/metrics", headers=h).text

@@ -166,8 +166,10 @@ class AsyncEngine:
         try:
             self.engine.add_request(request)
         except Exception as exc:  # noqa: BLE001 - reported to the request, never kills the loop
+            # e.g. its adapter was deleted between the caller's check and this command: a 404
+            kind = "adapter_not_found" if isinstance(exc, AdapterNotFoundError) else None
             self._deliver([RequestOutput(request.request_id, [], "", finished=True, finish_reason="error",
-                                         error=str(exc))])
+                                         error=str(exc), error_kind=kind)])
 
     def abort(self, request_id: str) -> None:
         with self._lock:

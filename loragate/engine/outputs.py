@@ -44,7 +44,9 @@ class RequestOutput:
     # timing, filled on the engine side (monotonic seconds) for metrics
     queue_time: float | None = None
     first_token_time: float | None = None
-    error_kind: str | None = None  # with finish_reason "error": "adapter_load" = the client's adapter is bad
+    # with finish_reason "error", what the client did wrong: "adapter_load" (its adapter is bad),
+    # "adapter_not_found" (deleted before the request reached the engine); None = a server fault
+    error_kind: str | None = None
 
 
 @dataclass

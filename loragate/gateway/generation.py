@@ -252,6 +252,8 @@ def output_error(out: RequestOutput) -> APIError:
     """A request that ended in error/abort rather than stop/length."""
     if out.error_kind == "adapter_load":
         return bad_request(f"adapter could not be loaded: {out.error}", "model", "adapter_load_error")
+    if out.error_kind == "adapter_not_found":  # deleted while the request was being submitted
+        return APIError(404, out.error or "adapter not found", "invalid_request_error", "model", "model_not_found")
     if out.finish_reason == "abort":
         return APIError(500, out.error or "request was aborted by the server", "server_error", None, "aborted")
     return APIError(500, out.error or "generation failed", "server_error", None, "generation_error")

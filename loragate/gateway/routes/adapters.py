@@ -92,4 +92,5 @@ async def delete_adapter(name: str, request: Request, _: Principal = Depends(req
         if mapped is None:
             raise
         raise mapped from None
+    get_ctx(request).metrics.forget_adapter(name)
     return {"id": name, "object": "adapter", "deleted": True}
