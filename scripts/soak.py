@@ -5,9 +5,9 @@
 
 It builds a tiny random checkpoint and --adapters PEFT adapters in a temporary directory, starts
 `loragate serve` on them (float32, so greedy outputs are batch-invariant), computes the greedy
-reference output of every (model, prompt, endpoint) alone, warms up (including one step of every token count up to --shape-sweep, see `shape_sweep`), then
-for --duration seconds
-keeps --streams clients busy:
+reference output of every (model, prompt, endpoint) alone, warms up (including one step of every
+token count up to --shape-sweep, see `shape_sweep`), then for --duration seconds keeps --streams
+clients busy:
   * streaming greedy chat and text completions over the base model and every adapter, each
     completed one compared with its reference;
   * 10% of streams disconnect after a few chunks (--disconnect-rate);

@@ -14,14 +14,12 @@ import httpx
 import openai
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
-from loragate.engine.adapters import load_peft_adapter
-from loragate.engine.adapters import peft_loader
+from loragate.engine.adapters import load_peft_adapter, peft_loader
 from loragate.engine.adapters.peft_loader import MAX_CONFIG_BYTES, max_weights_bytes
 from loragate.engine.errors import AdapterLoadError
 from loragate.testing import build_adapter
-from tests.test_adapters import MAX_RANK, _A0, _B0, _copy, _edit_config, _edit_tensors
+from tests.test_adapters import _A0, _B0, MAX_RANK, _copy, _edit_config, _edit_tensors
 from tests.test_adapters import adapters, base_dir, base_info  # noqa: F401 - module fixtures
 
 WEIGHTS = "adapter_model.safetensors"

@@ -35,7 +35,7 @@ def env(tmp_path_factory):
             {"key": LIMITED, "tenant": "one", "adapters": "*", "max_concurrent": 1},
             {"key": TPM, "tenant": "tpm", "adapters": "*", "tokens_per_minute": 60},
         ]},
-        allowed_adapter_dirs=(str(root),), max_request_bytes=20_000, max_json_depth=16, max_json_items=1000,
+        allowed_adapter_dirs=(str(root),), max_request_bytes=20_000, max_json_depth=16, max_json_items=1500,
         max_waiting=2, max_stream_buffer=8, max_choices=16, metrics_auth="admin",
     )
     app = create_app(engine, settings)
@@ -87,7 +87,7 @@ def test_deep_nesting_is_refused_before_parsing(env, monkeypatch):
 def test_huge_arrays_are_400(env):
     r = post(env["url"], "/v1/completions", completion(prompt=[5] * 2000))
     assert_error_shape(r, 400, "json_too_large")
-    r = post(env["url"], "/v1/completions", completion(logit_bias={str(i): 1 for i in range(1500)}))
+    r = post(env["url"], "/v1/completions", completion(logit_bias={str(i): 1 for i in range(1600)}))
     assert_error_shape(r, 400, "json_too_large")
 
 
@@ -280,3 +280,31 @@ def test_deleted_adapter_leaves_no_metric_series(env):
     assert 'model="churned-7"' in httpx.get(url + "/metrics", headers=h).text
     assert httpx.delete(url + "/v1/adapters/churned-7", headers=h).status_code == 200
     assert "churned-7" not in httpx.get(url + "/metrics", headers=h).text
+
+
+def test_cli_flags_reach_gateway_settings(tmp_path):
+    from loragate.cli import build_configs, build_parser
+
+    g = build_configs(build_parser().parse_args([
+        "serve", "--model", str(tmp_path), "--max-request-bytes", "1MiB", "--max-waiting", "7",
+        "--shutdown-timeout", "2.5", "--metrics-auth", "admin"])).gateway
+    assert (g.max_request_bytes, g.max_waiting, g.shutdown_timeout, g.metrics_auth) == (1 << 20, 7, 2.5, "admin")
+    g = build_configs(build_parser().parse_args(["serve", "--model", str(tmp_path), "--max-waiting", "0"])).gateway
+    assert g.max_waiting is None and g.metrics_auth == "open" and g.max_request_bytes == 4 << 20
+
+
+def test_stop_lists_are_bounded(env):
+    r = post(env["url"], "/v1/completions", completion(stop=[f"s{i}" for i in range(65)]))
+    assert assert_error_shape(r, 400)["param"] == "stop"
+    r = post(env["url"], "/v1/completions", completion(stop_token_ids=list(range(1025))))
+    assert assert_error_shape(r, 400)["param"] == "stop_token_ids"
+    assert post(env["url"], "/v1/completions", completion(stop=[f"s{i}" for i in range(64)])).status_code == 200
+
+
+def test_array_limit_follows_the_model():
+    from loragate.gateway.limits import json_items_limit
+
+    assert json_items_limit(FakeEngine(max_model_len=100)) == FakeEngine().tokenizer.vocab_size  # 12291
+    assert json_items_limit(FakeEngine(max_model_len=200_000)) == 200_000
+    app = create_app(FakeEngine(max_model_len=10), GatewaySettings())
+    assert app.state.ctx.max_json_items == 12291

@@ -15,7 +15,7 @@ from loragate import __version__
 from loragate.gateway.auth import KeyStore
 from loragate.gateway.context import GatewayContext
 from loragate.gateway.errors import install_error_handlers
-from loragate.gateway.limits import BodyLimitMiddleware
+from loragate.gateway.limits import BodyLimitMiddleware, json_items_limit
 from loragate.gateway.metrics import GatewayMetrics
 from loragate.gateway.middleware import RequestLogMiddleware
 from loragate.gateway.openapi import install_openapi
@@ -38,7 +38,8 @@ def create_app(engine, settings: GatewaySettings | None = None) -> FastAPI:
             await engine.shutdown()
 
     app = FastAPI(title="loragate", version=__version__, lifespan=lifespan)
-    app.state.ctx = GatewayContext(engine=engine, settings=settings, keys=keys, metrics=gateway_metrics)
+    app.state.ctx = GatewayContext(engine=engine, settings=settings, keys=keys, metrics=gateway_metrics,
+                                   max_json_items=settings.max_json_items or json_items_limit(engine))
     app.state.created = int(time.time())
     install_error_handlers(app)
     install_openapi(app)

@@ -46,6 +46,7 @@ class GatewayContext:
     draining: bool = False  # SIGTERM received: /health and new inference answer 503
     generations: set = field(default_factory=set)  # live `Generation`s, ended by a drain's deadline
     quotas: KeyQuotas = field(default_factory=KeyQuotas)
+    max_json_items: int = 1 << 18  # settings.max_json_items, or derived from the model by create_app
 
 
 def get_ctx(request: Request) -> GatewayContext:
@@ -74,6 +75,6 @@ async def authenticate(request: Request) -> Principal:
 async def parse_body(request: Request, model: type[M]) -> M:
     """Parse JSON ourselves so auth runs first and malformed JSON is a 400 in the OpenAI shape;
     the body's size, nesting, array lengths and unicode are bounded first (`limits.py`)."""
-    settings = get_ctx(request).settings
-    data = load_json_body(await request.body(), settings.max_json_depth, settings.max_json_items)
+    ctx = get_ctx(request)
+    data = load_json_body(await request.body(), ctx.settings.max_json_depth, ctx.max_json_items)
     return model.model_validate(data)  # ValidationError -> 400 by the installed handler

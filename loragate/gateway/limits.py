@@ -78,6 +78,13 @@ def _lone_surrogate_at(value: Any) -> str | None:
     return None
 
 
+def json_items_limit(engine) -> int:
+    """The longest array a valid request can need: token ids up to the context length, a logit_bias
+    entry per vocabulary token; never below 4096."""
+    vocab = getattr(getattr(engine, "tokenizer", None), "vocab_size", 0) or 0
+    return max(4096, int(getattr(engine, "max_model_len", 0) or 0), int(vocab))
+
+
 def load_json_body(raw: bytes, max_depth: int, max_items: int) -> dict:
     """Bytes -> a JSON object, or a 400 naming what is wrong. Depth is checked on the raw text
     (the decoder would otherwise recurse once per level), the rest right after decoding."""

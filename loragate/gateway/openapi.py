@@ -72,6 +72,12 @@ _ERROR_TEXT = {400: "Invalid request", 401: "Missing or wrong API key", 403: "Th
                500: "Internal error", 503: "Overloaded, shutting down or engine not running (see Retry-After)"}
 
 
+# one server-sent event (OpenAPI before 3.2 describes each event of a stream with `schema`)
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "a JSON chunk, an error object, or [DONE] at the end"},
+    "event": {"type": "string"}}}
+
+
 def json_body(model: type[BaseModel]) -> dict[str, Any]:
     """`openapi_extra` for a route whose JSON body is parsed by hand into `model`."""
     _BODY_MODELS[model.__name__] = model
@@ -87,7 +93,7 @@ def streamed(model: type[BaseModel], *errors: int) -> dict[int | str, dict[str, 
     """200 is `model` as JSON, or an SSE stream (`stream: true`) of its chunks, then errors."""
     return {200: {"model": model, "description": "The response, or with `stream: true` a text/event-stream of "
                   "`data: {chunk}` events ending in `data: [DONE]`",
-                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                  "content": {"text/event-stream": {"schema": SSE_EVENT}}},
             **error_responses(*errors)}
 
 

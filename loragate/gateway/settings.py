@@ -22,7 +22,9 @@ class GatewaySettings:
     retry_after_seconds: value of the Retry-After header on 429 and 503.
     max_request_bytes: largest request body accepted (413 above it).
     max_json_depth / max_json_items: deepest nesting and longest array (or object) a JSON body
-        may have; checked before the body is parsed into a model (400 above them).
+        may have; checked before the body is parsed into a model (400 above them). None for
+        max_json_items = the longest array a valid request can need: max(4096, the context
+        length, the vocabulary size), so a body cannot make validation walk a million items.
     max_choices: engine requests one HTTP request may start (prompts x n; 400 above it).
     max_waiting: requests submitted but not yet producing tokens, across all clients, before new
         ones are answered 503 with Retry-After (None = no bound besides the engine's queue).
@@ -42,7 +44,7 @@ class GatewaySettings:
     extra: dict[str, Any] = field(default_factory=dict)
     max_request_bytes: int = 4 << 20
     max_json_depth: int = 64
-    max_json_items: int = 1 << 18
+    max_json_items: int | None = None
     max_choices: int = 512
     max_waiting: int | None = 1024
     max_stream_buffer: int = 512
