@@ -35,19 +35,35 @@ def checkpoints(tmp_path_factory, tokenizer_dir):
 
 # ---- secrets never reach logs or error messages, checked over the whole suite ------------------
 # Every log record (any logger) and every OpenAI-style error body the gateway renders is scanned for
-# API keys (tests use keys of the form sk-...) and for paths under pytest's temporary directory
-# (where every test adapter lives). A leak fails the session at its end, naming the offending text.
+# API keys (tests use keys of the form sk-...) and for adapter paths: any path under pytest's
+# temporary directory that is, or lies in, or holds an adapter folder (one with adapter_config.json).
+# A leak fails the session at its end, naming the offending text.
 import logging  # noqa: E402
 import re  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 _KEY_RE = re.compile(r"\bsk-[A-Za-z0-9_-]{2,}")
 _leaks: list[str] = []
 _watch: dict = {}
 
 
+def _is_adapter_path(text: str) -> bool:
+    p = Path(text)
+    for candidate in (p, *p.parents):
+        if (candidate / "adapter_config.json").exists():
+            return True
+        if candidate == Path(_watch["base"]):
+            break
+    try:
+        return p.is_dir() and any((c / "adapter_config.json").exists() for c in p.iterdir() if c.is_dir())
+    except OSError:
+        return False
+
+
 def _scan(where: str, text: str) -> None:
     base = _watch.get("base")
-    if _KEY_RE.search(text) or (base and base in text):
+    paths = re.findall(re.escape(base) + r"[^\s'\"),]*", text) if base else []
+    if _KEY_RE.search(text) or any(_is_adapter_path(p) for p in paths):
         _leaks.append(f"{where}: {text[:500]}")
 
 
