@@ -96,6 +96,7 @@ class Generation:
                 self._watch = asyncio.create_task(self._watch_disconnect(self.record.receive))
             pending = set(range(n))
             while pending:
+                self._taken_at = time.monotonic()
                 i, item = await self._queue.get()
                 if item is _FAILED:
                     raise self._failure
@@ -128,8 +129,8 @@ class Generation:
             async for out in self._agens[i]:
                 self._queue.put_nowait((i, out))
                 if self._queue.qsize() > limit and time.monotonic() - self._taken_at > SLOW_READER_SECONDS:
-                    self.fail(APIError(500, "the client is not reading the response fast enough; the request "
-                                       "was aborted", "server_error", None, "client_too_slow"))
+                    self.fail(APIError(408, "the client is not reading the response fast enough; the request "
+                                       "was aborted", "invalid_request_error", None, "client_too_slow"))
                     await self._agens[i].aclose()  # aborts this choice's engine request now
                     return
             self._queue.put_nowait((i, _END))
