@@ -155,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ray-ingress-replicas", type=int, default=1, help="replicas of the HTTP ingress")
     r.add_argument("--ray-multiplex", action=argparse.BooleanOptionalAction, default=True,
                    help="route adapter requests by Ray Serve model multiplexing (adapter affinity)")
+    h.add_argument("--max-request-bytes", type=parse_size, default=4 << 20, metavar="BYTES",
+                   help="largest request body accepted (413 above it)")
+    h.add_argument("--max-waiting", type=int, default=1024, help="requests waiting for their first token "
+                   "before new ones are answered 503 with Retry-After (0 = no bound)")
+    h.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, how long in-flight requests may take to finish before they are ended")
+    h.add_argument("--metrics-auth", default="open", choices=["open", "admin"],
+                   help="who may read /metrics: anyone (open, like vLLM) or admin keys only")
     return p
 
 
@@ -205,15 +213,16 @@ def build_configs(args: argparse.Namespace) -> ServeConfig:
         lora_kernels=args.lora_kernels,
     )
     gateway = GatewaySettings(api_keys=tuple(args.api_key), api_keys_file=keys_file,
-                              allowed_adapter_dirs=tuple(args.allowed_adapter_dir))
+                              allowed_adapter_dirs=tuple(args.allowed_adapter_dir),
+                              max_request_bytes=args.max_request_bytes, max_waiting=args.max_waiting or None,
+                              shutdown_timeout=args.shutdown_timeout, metrics_auth=args.metrics_auth)
     return ServeConfig(engine, gateway, args.host, args.port, args.log_level)
 
 
 def serve(cfg: ServeConfig) -> None:
-    import uvicorn
-
     from loragate.engine.async_engine import AsyncEngine
     from loragate.gateway import create_app
+    from loragate.gateway.shutdown import run_server
 
     engine = AsyncEngine(cfg.engine)
     app = create_app(engine, cfg.gateway)
@@ -224,7 +233,7 @@ def serve(cfg: ServeConfig) -> None:
              getattr(inner, "device", cfg.engine.device), getattr(inner, "dtype", cfg.engine.dtype),
              len(engine.list_adapters()), stats.kv_blocks_total, engine.max_model_len,
              "keys" if (cfg.gateway.api_keys or cfg.gateway.api_keys_file) else "open", cfg.host, cfg.port)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False)
+    run_server(app, cfg.host, cfg.port, cfg.log_level, cfg.gateway.shutdown_timeout)  # SIGTERM drains
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -131,9 +131,11 @@ class FakeEngine:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         if not p.ignore_eos:
             ids.append(2)
-        else:
-            while len(ids) < p.max_tokens:
-                ids += self.tokenizer.encode(" " + rng.choice(WORDS), add_special_tokens=False)
+        else:  # a block of words repeated: cheap even for millions of tokens
+            block: list[int] = []
+            for _ in range(64):
+                block += self.tokenizer.encode(" " + rng.choice(WORDS), add_special_tokens=False)
+            ids += block * (max(0, p.max_tokens - len(ids)) // len(block) + 1)
         return ids
 
     def _check(self, req: EngineRequest) -> None:

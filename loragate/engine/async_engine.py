@@ -81,7 +81,9 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        self.engine.shutdown()
+        self.engine.shutdown()  # joins the adapter loader thread
+        loop_alive = self._thread is not None and self._thread.is_alive()
+        log.info("engine stopped: step loop %s, adapter loader stopped", "still running" if loop_alive else "joined")
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.shutdown_sync)
@@ -167,8 +169,10 @@ class AsyncEngine:
         try:
             self.engine.add_request(request)
         except Exception as exc:  # noqa: BLE001 - reported to the request, never kills the loop
+            # e.g. its adapter was deleted between the caller's check and this command: a 404
+            kind = "adapter_not_found" if isinstance(exc, AdapterNotFoundError) else None
             self._deliver([RequestOutput(request.request_id, [], "", finished=True, finish_reason="error",
-                                         error=str(exc))])
+                                         error=str(exc), error_kind=kind)])
 
     def abort(self, request_id: str) -> None:
         with self._lock:

@@ -191,8 +191,7 @@ class Engine:
         outputs: list[RequestOutput] = []
         for seq, err in sched.failed:
             self.seqs.pop(seq.request_id, None)
-            outputs.append(self._final(seq, "error", "", [], error=err))
-            outputs[-1].error_code = "adapter_load_failed"  # the scheduler fails only on adapter loads
+            outputs.append(self._final(seq, "error", "", [], error=err, error_kind="adapter_load"))
         if not sched.scheduled:
             return outputs
         self.num_steps += 1
@@ -235,9 +234,11 @@ class Engine:
         return self._final(seq, reason, delta, [tok], lps)
 
     def _final(self, seq: Sequence, reason: str, delta: str, toks: list[int],
-               lps: list[TokenLogprob] | None = None, error: str | None = None) -> RequestOutput:
+               lps: list[TokenLogprob] | None = None, error: str | None = None,
+               error_kind: str | None = None) -> RequestOutput:
         seq.state = SeqState.FINISHED
         seq.finish_reason = reason
         return RequestOutput(seq.request_id, toks, delta, finished=True, finish_reason=reason, new_logprobs=lps,
                              prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
-                             error=error, queue_time=seq.waited, first_token_time=seq.first_token_at)
+                             error=error, queue_time=seq.waited, first_token_time=seq.first_token_at,
+                             error_kind=error_kind)

@@ -41,10 +41,12 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
-    error_code: str | None = None  # with finish_reason "error": "adapter_load_failed" or None
     # timing, filled on the engine side (monotonic seconds) for metrics
     queue_time: float | None = None
     first_token_time: float | None = None
+    # with finish_reason "error", what the client did wrong: "adapter_load" (its adapter is bad),
+    # "adapter_not_found" (deleted before the request reached the engine); None = a server fault
+    error_kind: str | None = None
 
 
 @dataclass

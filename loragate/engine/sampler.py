@@ -55,9 +55,10 @@ class SamplerOutput:
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
-    """A generator on `device` seeded with `seed`: one per seeded request, so its draws are its own."""
+    """A generator on `device` seeded with `seed`: one per seeded request, so its draws are its own.
+    Any integer is a valid seed: torch takes seeds modulo 2**64 (so does this, for ints beyond)."""
     gen = torch.Generator(device=torch.device(device))
-    gen.manual_seed(seed)
+    gen.manual_seed(seed % (1 << 64))
     return gen
 
 

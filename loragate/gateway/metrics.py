@@ -74,5 +74,14 @@ class GatewayMetrics:
             if a.last_load_seconds is not None:
                 self.adapter_load_seconds.labels(a.name).set(a.last_load_seconds)
 
+    def forget_adapter(self, name: str) -> None:
+        """Drop every series labelled with a deleted adapter, so that adapter churn (register,
+        serve, delete, under ever new names) cannot grow the registry without bound."""
+        for metric in (self.requests, self.ttft, self.itl, self.e2e, self.queue_time, self.prompt_tokens,
+                       self.generation_tokens, self.adapter_requests, self.adapter_load_seconds):
+            for labels in list(getattr(metric, "_metrics", {})):
+                if labels and labels[0] == name:
+                    metric.remove(*labels)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

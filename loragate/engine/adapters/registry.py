@@ -130,9 +130,9 @@ class AdapterRegistry:
                              "(no leading '.', no '..', no ':')")
         real = self._inside_allowed(path)
         if real is None:
-            raise ValueError(f"adapter path {path!r} is outside the allowed adapter directories")
+            raise ValueError("adapter path is outside the allowed adapter directories")
         if not real.is_dir():
-            raise ValueError(f"no adapter directory at {path!r}")
+            raise ValueError("no adapter directory at the given path")
         with self._lock:
             if self.resolve(name) is not None:
                 raise ValueError(f"adapter {name!r} already exists")

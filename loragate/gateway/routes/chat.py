@@ -12,6 +12,7 @@ from loragate.gateway.context import authenticate, get_ctx, get_record, parse_bo
 from loragate.gateway.errors import APIError, bad_request
 from loragate.gateway.formatting import ChoiceState, chat_logprobs, usage
 from loragate.gateway.generation import Generation, collect, sse_events
+from loragate.gateway.openapi import json_body, streamed
 from loragate.gateway.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -59,7 +60,8 @@ def template_messages(req: ChatCompletionRequest) -> list[dict]:
     return out
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest),
+             responses=streamed(ChatCompletionResponse, 400, 401, 404, 413, 429, 500, 503))
 async def create_chat_completion(request: Request, principal: Principal = Depends(authenticate)):
     ctx, rec = get_ctx(request), get_record(request)
     rec.counted = True

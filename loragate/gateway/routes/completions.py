@@ -15,6 +15,7 @@ from loragate.gateway.context import authenticate, get_ctx, get_record, parse_bo
 from loragate.gateway.errors import bad_request
 from loragate.gateway.formatting import ChoiceState, completion_logprobs, usage
 from loragate.gateway.generation import Generation, collect, sse_events
+from loragate.gateway.openapi import json_body, streamed
 from loragate.gateway.protocol import (
     CompletionChoice,
     CompletionRequest,
@@ -27,8 +28,9 @@ from loragate.gateway.streaming import SSEResponse, sse
 router = APIRouter()
 
 
-def prompts_of(req: CompletionRequest, tokenizer) -> list[tuple[str | None, list[int]]]:
-    """(text if given as text, token ids) for each prompt in the request."""
+def prompts_of(req: CompletionRequest, tokenizer, max_prompts: int | None = None) -> list[tuple[str | None, list[int]]]:
+    """(text if given as text, token ids) for each prompt in the request; more than `max_prompts`
+    prompts is a 400 before any of them is tokenized."""
     p = req.prompt
     if isinstance(p, str):
         items: list = [p]
@@ -38,6 +40,9 @@ def prompts_of(req: CompletionRequest, tokenizer) -> list[tuple[str | None, list
         items = [list(p)]
     else:
         items = list(p)
+    if max_prompts is not None and len(items) > max_prompts:
+        raise bad_request(f"this request asks for {len(items) * req.n} generations (prompts x n); at most "
+                          f"{max_prompts * req.n} are allowed", "prompt", "too_many_choices")
     out = []
     for item in items:
         if isinstance(item, str):
@@ -51,7 +56,8 @@ def prompts_of(req: CompletionRequest, tokenizer) -> list[tuple[str | None, list
     return out
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=json_body(CompletionRequest),
+             responses=streamed(CompletionResponse, 400, 401, 404, 413, 429, 500, 503))
 async def create_completion(request: Request, principal: Principal = Depends(authenticate)):
     ctx, rec = get_ctx(request), get_record(request)
     rec.counted = True
@@ -60,7 +66,7 @@ async def create_completion(request: Request, principal: Principal = Depends(aut
     engine, tok = ctx.engine, ctx.engine.tokenizer
     target = resolve_request_model(engine, principal, req)  # model, or LoRAX-style adapter fields
     rec.model = target.label
-    prompts = prompts_of(req, tok)
+    prompts = prompts_of(req, tok, max(ctx.settings.max_choices // req.n, 1))
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     for _, ids in prompts:
         check_context(engine, len(ids), max_tokens, "prompt")
