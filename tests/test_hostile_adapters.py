@@ -166,8 +166,8 @@ def test_folder_changing_during_load_is_refused_then_reread(adapters, base_info,
     d = _copy(adapters, tmp_path)
     real_read = peft_loader.read_file
 
-    def read_then_rewrite_config(root, fname, limit):
-        out = real_read(root, fname, limit)
+    def read_then_rewrite_config(root, fname, limit, boundary=None):
+        out = real_read(root, fname, limit, boundary)
         if fname == WEIGHTS:  # someone rewrites the config while the weights are being read
             cfg = json.loads((d / CONFIG).read_text())
             cfg["note"] = "re-uploaded"

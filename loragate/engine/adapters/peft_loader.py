@@ -114,13 +114,13 @@ def _check_alpha(value: object, name: str, what: str) -> None:
         raise _fail(name, f"{CONFIG_NAME} has {what}={str(value)[:40]}, above the {MAX_LORA_ALPHA:g} accepted")
 
 
-def _read_config(root: Path, name: str, max_rank: int, stamps: list[FileStamp]) -> dict:
+def _read_config(root: Path, name: str, max_rank: int, stamps: list[FileStamp], boundary: Path | None) -> dict:
     if not root.is_dir():
         raise _fail(name, "the adapter directory does not exist")
     if not (root / CONFIG_NAME).exists() and not (root / CONFIG_NAME).is_symlink():
         raise _fail(name, f"{CONFIG_NAME} is missing")
     try:
-        raw, stamp = read_file(root, CONFIG_NAME, MAX_CONFIG_BYTES)
+        raw, stamp = read_file(root, CONFIG_NAME, MAX_CONFIG_BYTES, boundary)
     except UnsafeFileError as exc:
         raise _fail(name, str(exc)) from None
     stamps.append(stamp)
@@ -208,12 +208,12 @@ def max_weights_bytes(base: BaseModelInfo, max_rank: int) -> int:
     return 8 * base.num_layers * per_layer + (1 << 20) + 512 * n_tensors
 
 
-def _read_tensors(root: Path, fname: str, name: str, limit: int, stamps: list[FileStamp]
-                  ) -> dict[str, torch.Tensor]:
+def _read_tensors(root: Path, fname: str, name: str, limit: int, stamps: list[FileStamp],
+                  boundary: Path | None) -> dict[str, torch.Tensor]:
     """Read the whole file into memory (bounded), validate its header, then deserialise from the
     bytes: never memory-mapped, because a file truncated under a live mapping kills the process."""
     try:
-        data, stamp = read_file(root, fname, limit)
+        data, stamp = read_file(root, fname, limit, boundary)
     except UnsafeFileError as exc:
         raise _fail(name, str(exc)) from None
     stamps.append(stamp)
@@ -289,15 +289,19 @@ def _group_tensors(tensors: dict[str, torch.Tensor], name: str, base: BaseModelI
     return pairs
 
 
-def load_peft_adapter(path: str | Path, name: str, base: BaseModelInfo, max_rank: int) -> LoadedAdapter:
-    """Validate and read the PEFT adapter at `path`. Raises AdapterLoadError naming the cause."""
+def load_peft_adapter(path: str | Path, name: str, base: BaseModelInfo, max_rank: int,
+                      boundary: str | Path | None = None) -> LoadedAdapter:
+    """Validate and read the PEFT adapter at `path`. Raises AdapterLoadError naming the cause.
+    Its files must lie inside `path`, or inside `boundary` when given (see safe_files._inside)."""
     root = Path(path)
     stamps: list[FileStamp] = []
-    cfg = _read_config(root, name, max_rank, stamps)
+    boundary = Path(boundary) if boundary is not None else None
+    cfg = _read_config(root, name, max_rank, stamps, boundary)
     _check_features(cfg, name)
-    tensors = _read_tensors(root, _weights_file(root, name), name, max_weights_bytes(base, max_rank), stamps)
+    tensors = _read_tensors(root, _weights_file(root, name), name, max_weights_bytes(base, max_rank), stamps,
+                           boundary)
     try:
-        check_unchanged(root, stamps)
+        check_unchanged(root, stamps, boundary)
     except UnsafeFileError as exc:
         raise _fail(name, str(exc)) from None
     if not tensors:

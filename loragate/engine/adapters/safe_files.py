@@ -54,18 +54,22 @@ def _stamp(name: str, st: os.stat_result) -> FileStamp:
     return FileStamp(name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _inside(root: Path, name: str) -> Path:
-    """The real path of root/name, refusing one that leaves the folder (symlink or '..')."""
+def _inside(root: Path, name: str, boundary: Path | None = None) -> Path:
+    """The real path of root/name, refusing one that leaves the folder (symlink or '..'), or
+    `boundary` when one is given: a Hugging Face cache snapshot's files are links into its repo's
+    blobs/, so a hub adapter's boundary is the repo's cache folder."""
     real_root = Path(os.path.realpath(root))
+    allowed = Path(os.path.realpath(boundary)) if boundary is not None else real_root
     real = Path(os.path.realpath(real_root / name))
-    if real == real_root or not real.is_relative_to(real_root):
+    if real == allowed or not real.is_relative_to(allowed):
         raise UnsafeFileError(f"{name} points outside the adapter folder (symlink or '..'); refused")
     return real
 
 
-def read_file(root: Path, name: str, limit: int) -> tuple[bytes, FileStamp]:
-    """The whole content of root/name: a regular file inside root, at most `limit` bytes."""
-    path = _inside(root, name)
+def read_file(root: Path, name: str, limit: int, boundary: Path | None = None) -> tuple[bytes, FileStamp]:
+    """The whole content of root/name: a regular file inside root (or `boundary`), at most `limit`
+    bytes."""
+    path = _inside(root, name, boundary)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
@@ -96,11 +100,11 @@ def read_file(root: Path, name: str, limit: int) -> tuple[bytes, FileStamp]:
     return data, _stamp(name, after)
 
 
-def check_unchanged(root: Path, stamps: list[FileStamp]) -> None:
+def check_unchanged(root: Path, stamps: list[FileStamp], boundary: Path | None = None) -> None:
     """Raise if any file read earlier has since been replaced, rewritten or resized."""
     for s in stamps:
         try:
-            st = os.stat(_inside(root, s.name))
+            st = os.stat(_inside(root, s.name, boundary))
         except OSError:
             st = None
         if st is None or _stamp(s.name, st) != s:

@@ -119,7 +119,10 @@ def build(spec: VirtualAdapter, name: str, base: BaseModelInfo, max_rank: int,
     """The adapter's weights (blocking: runs on the cache's loader thread). `component(name)`
     returns a part of a merge, from the CPU tier or freshly loaded. Raises AdapterLoadError."""
     if isinstance(spec, RemoteAdapter):
-        return load_peft_adapter(spec.fetch(), name, base, max_rank)
+        path = spec.fetch()
+        # a hub snapshot's files are links into the repo cache folder's blobs/ (two levels up)
+        boundary = path.parent.parent if spec.source == "hub" else None
+        return load_peft_adapter(path, name, base, max_rank, boundary=boundary)
     parts = [component(c) for c in spec.components]
     h = hashlib.sha256(json.dumps(spec.spec(), sort_keys=True).encode())
     for p in parts:
