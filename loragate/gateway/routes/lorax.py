@@ -33,8 +33,11 @@ from loragate.gateway.errors import APIError, internal_error
 from loragate.gateway.generation import Generation, checked_outputs, classify, collect
 from loragate.gateway.limits import load_json_body
 from loragate.gateway.lorax_protocol import (
+    LoraxErrorResponse,
+    LoraxGenerateResponse,
     LoraxParameters,
     LoraxRequest,
+    LoraxStreamResponse,
     check,
     error_body,
     error_status,
@@ -42,6 +45,7 @@ from loragate.gateway.lorax_protocol import (
     sampling_params,
     token,
 )
+from loragate.gateway.openapi import error_responses, json_body, sse_content
 from loragate.gateway.routing import check_context
 from loragate.gateway.sampling import with_seed
 from loragate.gateway.streaming import SSEResponse
@@ -260,17 +264,36 @@ async def _events(gen: Generation, lx: Lorax, state: TokenState, rec, details: b
         await gen.aclose()
 
 
-@router.post("/generate")
+# ---- the OpenAPI document: LoRAX's request, responses and error shape ---------------------------
+
+_ERROR_TEXT = {401: "Missing or wrong API key (`authentication`)", 403: "The key may not do this (`permission`)",
+               413: "Request body too large (`validation`)",
+               422: "Invalid request: a parameter out of range, unsupported or malformed (`validation`)",
+               424: "The adapter could not be found or loaded, or generation failed (`generation`)",
+               429: "Overloaded or rate limited, see Retry-After (`overloaded`)",
+               500: "Internal error (`incomplete_generation`)",
+               503: "Shutting down or engine not running, see Retry-After (`unhealthy`)"}
+_ERRORS = error_responses(*_ERROR_TEXT, model=LoraxErrorResponse, text=_ERROR_TEXT)
+_STREAM = sse_content(LoraxStreamResponse, "a JSON LoraxStreamResponse (one per token; the last carries "
+                      "generated_text and, with details, details), or a LoraxErrorResponse if generation fails")
+_DOC = {"openapi_extra": json_body(LoraxRequest)}
+
+
+@router.post("/generate", **_DOC, responses={200: {"model": LoraxGenerateResponse}, **_ERRORS})
 async def generate(request: Request, principal: Principal = Depends(authenticate)):
     return await _run(request, principal, stream=False)
 
 
-@router.post("/generate_stream")
+@router.post("/generate_stream", **_DOC, responses={
+    200: {"description": "A text/event-stream of `data:{json}` events", "content": _STREAM}, **_ERRORS})
 async def generate_stream(request: Request, principal: Principal = Depends(authenticate)):
     return await _run(request, principal, stream=True)
 
 
-@router.post("/")
+@router.post("/", **_DOC, responses={
+    200: {"model": list[LoraxGenerateResponse], "content": _STREAM,
+          "description": "A list of one response, or with `stream: true` a text/event-stream as /generate_stream"},
+    **_ERRORS})
 async def compat_generate(request: Request, principal: Principal = Depends(authenticate)):
     """What `lorax-client` calls: a list of one response, or the stream, as `stream` says."""
     return await _run(request, principal, stream=None)
