@@ -359,6 +359,32 @@ def test_failure_mid_stream_is_an_error_event(fake_env):
     assert engine.running == set()
 
 
+def test_errors_before_routing_and_unexpected_ones_are_lorax_shaped(fake_env):
+    """A body over the size limit is refused before routing (413), and an unexpected exception is
+    a 500: on LoRAX's routes both in LoRAX's shape, so lorax-client raises its own errors."""
+    url, engine = fake_env
+    app = create_app(FakeEngine(model_name="fake-base"), GatewaySettings(max_request_bytes=4096))
+    with running_server(app) as small:
+        big = {"inputs": "x" * 8000}
+        for path in ("/generate", "/generate_stream", "/"):
+            r = httpx.post(small + path, json=big, timeout=30)  # declared Content-Length
+            assert r.status_code == 413 and r.json()["error_type"] == "validation", r.text
+        r = httpx.post(small + "/v1/completions", json={"model": "fake-base", "prompt": "x" * 8000}, timeout=30)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        with pytest.raises(ValidationError):
+            lorax.Client(small).generate("x" * 8000)
+
+    def broken(*_, **__):
+        raise RuntimeError("a bug")
+
+    with switched(engine.tokenizer, encode=broken):
+        r = httpx.post(url + "/generate", json={"inputs": "hi"}, timeout=30)
+        assert r.status_code == 500 and r.json() == {"error": "internal server error",
+                                                     "error_type": "incomplete_generation"}
+        with pytest.raises(lorax.errors.IncompleteGenerationError):
+            lorax.Client(url).generate("hi")
+
+
 def test_remote_sources_are_off_unless_enabled(fake_env):
     url, _ = fake_env
     r = httpx.post(url + "/generate", json={"inputs": "hi", "parameters": {

@@ -102,3 +102,33 @@ def test_adapter_deleted_during_submission_was_500(checkpoints):
         assert err.status == 404 and err.code == "model_not_found"
     finally:
         engine.shutdown_sync()
+
+
+# ---- LoRAX's routes (found once the fuzz run reached them; their errors are LoRAX-shaped) -------
+
+def assert_lorax_error(resp: httpx.Response, status: int, error_type: str) -> str:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error", "error_type"} and body["error_type"] == error_type, body
+    assert isinstance(body["error"], str) and body["error"]
+    return body["error"]
+
+
+@pytest.mark.parametrize("path", ["/generate", "/generate_stream", "/"])
+def test_lorax_deeply_nested_body_was_500(url, path):
+    # the LoRAX routes decoded bodies with json.loads themselves, which recursed until RecursionError
+    r = raw_post(url, path, b'{"inputs": "x", "parameters": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    assert "nested deeper" in assert_lorax_error(r, 422, "validation")
+
+
+@pytest.mark.parametrize("raw", [
+    # the real tokenizer raised on it (the fake one let it through to a 200)
+    b'{"inputs": "\\ud800", "parameters": {"max_new_tokens": 2}}',
+    b'{"inputs": "\\ud800", "parameters": {"max_new_tokens": 2, "return_full_text": true}}',  # echoed
+    b'{"inputs": "x", "parameters": {"adapter_id": "\\udfff"}}',  # quoted by the 424's message
+])
+def test_lorax_lone_surrogates_were_500(url, raw):
+    # a string that cannot be encoded as UTF-8 reached the tokenizer, the response or the error;
+    # now refused before parsing, as on the OpenAI routes
+    r = raw_post(url, "/generate", raw)
+    assert "surrogate" in assert_lorax_error(r, 422, "validation")

@@ -45,6 +45,6 @@ def create_app(engine, settings: GatewaySettings | None = None) -> FastAPI:
     install_openapi(app)
     for module in (chat, completions, models, adapters, health, metrics, lorax, vllm):
         app.include_router(module.router)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes, render=lorax.render_error)
     app.add_middleware(RequestLogMiddleware, metrics=gateway_metrics)  # outermost
     return app

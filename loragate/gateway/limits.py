@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loragate.engine.json_limits import largest_array, nesting_depth
@@ -25,12 +27,21 @@ def too_large(limit: int) -> APIError:
                     "invalid_request_error", None, "request_too_large")
 
 
-class BodyLimitMiddleware:
-    """413 in the OpenAI error shape for bodies over `limit` bytes."""
+ErrorRenderer = Callable[[Scope, APIError], Response]
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+
+def openai_error(_: Scope, err: APIError) -> Response:
+    return err.response()
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over `limit` bytes, in the OpenAI error shape unless `render` picks another
+    for the request's path (LoRAX's routes answer in LoRAX's)."""
+
+    def __init__(self, app: ASGIApp, limit: int, render: ErrorRenderer = openai_error) -> None:
         self.app = app
         self.limit = limit
+        self.render = render
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -39,7 +50,7 @@ class BodyLimitMiddleware:
         declared = dict(scope.get("headers") or ()).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             err = too_large(self.limit) if declared.isdigit() else bad_request("invalid Content-Length header")
-            await err.response()(scope, receive, send)
+            await self.render(scope, err)(scope, receive, send)
             return
         seen = 0
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -190,6 +190,82 @@ def sampling_params(p: LoraxParameters, max_new_tokens: int, details: bool) -> t
 
 
 # ---- responses -------------------------------------------------------------------------------------
+# The routes build plain dicts (in LoRAX's field order); these models only describe them in the
+# OpenAPI document, with `lorax-client`'s types as the reference.
+
+FinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+
+class LoraxAlternativeToken(BaseModel):
+    id: int
+    text: str
+    logprob: float
+
+
+class LoraxToken(BaseModel):
+    id: int
+    text: str
+    logprob: float
+    special: bool
+    alternative_tokens: list[LoraxAlternativeToken] | None = None
+    skipped: bool = False
+
+
+class LoraxPrefillToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None = None
+
+
+class LoraxBestOfSequence(BaseModel):
+    generated_text: str
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None = None
+    prefill: list[LoraxPrefillToken]
+    tokens: list[LoraxToken]
+
+
+class LoraxDetails(BaseModel):
+    finish_reason: FinishReason
+    prompt_tokens: int
+    generated_tokens: int
+    skipped_tokens: int = 0
+    seed: int | None = None
+    prefill: list[LoraxPrefillToken]
+    tokens: list[LoraxToken]
+    best_of_sequences: list[LoraxBestOfSequence] | None = None
+
+
+class LoraxGenerateResponse(BaseModel):
+    """`POST /generate`'s answer (and, in a list of one, `POST /`'s)."""
+
+    generated_text: str
+    details: LoraxDetails | None = None
+
+
+class LoraxStreamDetails(BaseModel):
+    finish_reason: FinishReason
+    prompt_tokens: int
+    generated_tokens: int
+    seed: int | None = None
+
+
+class LoraxStreamResponse(BaseModel):
+    """One stream event: a token; the last also carries generated_text (and details if asked)."""
+
+    token: LoraxToken
+    generated_text: str | None = None
+    details: LoraxStreamDetails | None = None
+
+
+class LoraxErrorResponse(BaseModel):
+    """Every error the LoRAX routes return (and a stream's error event), as LoRAX sends it."""
+
+    error: str
+    error_type: Literal["validation", "generation", "overloaded", "authentication", "permission", "unhealthy",
+                        "incomplete_generation"]
+
 
 def token(tid: int, text: str, logprob: float, special: bool, alternatives: list[dict] | None) -> dict:
     out: dict[str, Any] = {"id": tid, "text": text, "logprob": logprob, "special": special}

@@ -6,7 +6,9 @@ the OpenAI shape, and size/nesting limits apply before parsing); FastAPI therefo
 their body models. `json_body(Model)` is the route's `openapi_extra`: it declares the body as a
 reference to the model's schema, and `install_openapi` adds those schemas to the document's
 components. Error responses are declared with `ErrorResponse`, the shape `errors.py` renders, and
-FastAPI's default 422 (which this server never sends: schema errors are 400) is removed.
+FastAPI's default 422 (which this server never sends: schema errors are 400) is removed. Routes
+with their own error shape (LoRAX's) pass their error model and texts to `error_responses`; a
+stream's events name their JSON model with `contentSchema` (`sse_content`).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 _REF = "#/components/schemas/{model}"
-_BODY_MODELS: dict[str, type[BaseModel]] = {}
+_BODY_MODELS: dict[str, type[BaseModel]] = {}  # and the models stream events refer to
 
 
 # ---- response models that exist only for the document (the routes build plain dicts) ----------
@@ -31,7 +33,7 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    """Every error this server returns: `{"error": {"message", "type", "param", "code"}}`."""
+    """Every error outside LoRAX's routes: `{"error": {"message", "type", "param", "code"}}`."""
 
     error: ErrorDetail
 
@@ -85,8 +87,15 @@ def json_body(model: type[BaseModel]) -> dict[str, Any]:
         "application/json": {"schema": {"$ref": _REF.format(model=model.__name__)}}}}}
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {s: {"model": ErrorResponse, "description": _ERROR_TEXT[s]} for s in statuses}
+def error_responses(*statuses: int, model: type[BaseModel] = ErrorResponse,
+                    text: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """The error statuses of a route, each a JSON `model` (the OpenAI shape unless told). Written as
+    explicit application/json content (not FastAPI's `model`, which would take the media type of
+    the route's success response, e.g. vLLM's text/plain)."""
+    text = text or _ERROR_TEXT
+    _BODY_MODELS[model.__name__] = model
+    content = {"application/json": {"schema": {"$ref": _REF.format(model=model.__name__)}}}
+    return {s: {"description": text[s], "content": content} for s in statuses}
 
 
 def streamed(model: type[BaseModel], *errors: int) -> dict[int | str, dict[str, Any]]:
@@ -95,6 +104,15 @@ def streamed(model: type[BaseModel], *errors: int) -> dict[int | str, dict[str, 
                   "`data: {chunk}` events ending in `data: [DONE]`",
                   "content": {"text/event-stream": {"schema": SSE_EVENT}}},
             **error_responses(*errors)}
+
+
+def sse_content(event: type[BaseModel], description: str) -> dict[str, Any]:
+    """`content` of a text/event-stream response whose events' `data` are JSON `event`s (as
+    FastAPI's own SSE routes describe them: `contentMediaType` + `contentSchema`)."""
+    _BODY_MODELS[event.__name__] = event
+    data = {"type": "string", "contentMediaType": "application/json", "description": description,
+            "contentSchema": {"$ref": _REF.format(model=event.__name__)}}
+    return {"text/event-stream": {"schema": {**SSE_EVENT, "properties": {**SSE_EVENT["properties"], "data": data}}}}
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -111,10 +129,21 @@ def install_openapi(app: FastAPI) -> None:
                 schemas.setdefault(name, schema)
         for path in doc.get("paths", {}).values():
             for op in path.values():
-                op.get("responses", {}).pop("422", None)  # schema errors are 400 here
+                responses = op.get("responses", {})
+                if not _declares_422(op):
+                    responses.pop("422", None)  # FastAPI's default: schema errors are 400 here
+                ok = responses.get("200", {}).get("content", {})
+                if "text/event-stream" in ok and ok.get("application/json", {}).get("schema") == {}:
+                    del ok["application/json"]  # a stream-only route: FastAPI's default JSON 200 is not sent
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
         app.openapi_schema = doc
         return doc
 
     app.openapi = openapi
+
+
+def _declares_422(op: dict[str, Any]) -> bool:
+    """A route's own 422 (LoRAX's validation error) rather than FastAPI's HTTPValidationError."""
+    ref = op.get("responses", {}).get("422", {}).get("content", {}).get("application/json", {}).get("schema", {})
+    return ref.get("$ref", "").split("/")[-1] not in ("", "HTTPValidationError")

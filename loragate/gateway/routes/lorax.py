@@ -4,13 +4,16 @@ and completions, with the same keys, per-key adapter scoping and limits.
 
 Errors use LoRAX's shape `{"error", "error_type"}` and statuses (422 validation, 424 adapter load
 or generation failure, 429 overloaded); every route here is wrapped by `LoraxRoute`, which renders
-any APIError raised on the way (auth included) that way. Streams send one `data:` event per token;
-the last carries `generated_text` (and `details` when asked); an error after the first event is an
-event `{"error", "error_type"}`, as LoRAX sends it.
+any error raised on the way (auth and body limits included; anything unexpected as a 500) that
+way, and a body refused before routing (413) is rendered so too (`render_error`). Bodies pass the
+same size, nesting, array and unicode limits as on every route. Streams send one `data:` event
+per token; the last carries `generated_text` (and `details` when asked); an error after the first
+event is an event `{"error", "error_type"}`, as LoRAX sends it.
 """
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -19,16 +22,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
+from starlette.responses import Response
+from starlette.types import Scope
 
 from loragate.engine.outputs import EngineRequest, RequestOutput
 from loragate.gateway.adapter_select import AdapterAsk, select_adapter
 from loragate.gateway.auth import Principal
 from loragate.gateway.context import authenticate, get_ctx, get_record
-from loragate.gateway.errors import APIError
+from loragate.gateway.errors import APIError, internal_error
 from loragate.gateway.generation import Generation, checked_outputs, classify, collect
+from loragate.gateway.limits import load_json_body
 from loragate.gateway.lorax_protocol import (
+    LoraxErrorResponse,
+    LoraxGenerateResponse,
     LoraxParameters,
     LoraxRequest,
+    LoraxStreamResponse,
     check,
     error_body,
     error_status,
@@ -36,9 +45,12 @@ from loragate.gateway.lorax_protocol import (
     sampling_params,
     token,
 )
+from loragate.gateway.openapi import error_responses, json_body, sse_content
 from loragate.gateway.routing import check_context
 from loragate.gateway.sampling import with_seed
 from loragate.gateway.streaming import SSEResponse
+
+log = logging.getLogger("loragate.gateway")
 
 
 def lorax_error(err: APIError) -> JSONResponse:
@@ -46,8 +58,14 @@ def lorax_error(err: APIError) -> JSONResponse:
     return JSONResponse(error_body(err), status_code=status, headers=err.headers or None)
 
 
+def render_error(scope: Scope, err: APIError) -> Response:
+    """An error answered before routing (the body-size limit): LoRAX's shape on LoRAX's paths."""
+    return lorax_error(err) if scope.get("path") in PATHS else err.response()
+
+
 class LoraxRoute(APIRoute):
-    """Renders every APIError (and body validation error) of its endpoint in LoRAX's shape."""
+    """Renders every error of its endpoint in LoRAX's shape: APIErrors (auth included), body
+    validation errors, and anything unexpected (logged, a bare 500 `incomplete_generation`)."""
 
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
@@ -63,6 +81,9 @@ class LoraxRoute(APIRoute):
                 where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
                 return lorax_error(invalid(f"{where}: {first.get('msg', 'invalid value')}" if where else
                                            first.get("msg", "invalid request"), where or None))
+            except Exception:
+                log.exception("unhandled error in request %s", get_record(request).request_id)
+                return lorax_error(internal_error())
 
         return wrapped
 
@@ -166,15 +187,8 @@ async def _run(request: Request, principal: Principal, stream: bool | None):
     """Shared by the three routes; `stream` None = as the body says (`POST /`)."""
     ctx, rec = get_ctx(request), get_record(request)
     rec.counted = True
-    raw = await request.body()
-    if not raw:
-        raise invalid("request body is required")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise invalid(f"invalid JSON body: {exc}") from None
-    if not isinstance(data, dict):
-        raise invalid("request body must be a JSON object")
+    # the same size, nesting, array and unicode limits as every route (a 400 here is LoRAX's 422)
+    data = load_json_body(await request.body(), ctx.settings.max_json_depth, ctx.max_json_items)
     body = LoraxRequest.model_validate(data)
     streaming = body.stream if stream is None else stream
     p = body.parameters
@@ -250,18 +264,39 @@ async def _events(gen: Generation, lx: Lorax, state: TokenState, rec, details: b
         await gen.aclose()
 
 
-@router.post("/generate")
+# ---- the OpenAPI document: LoRAX's request, responses and error shape ---------------------------
+
+_ERROR_TEXT = {401: "Missing or wrong API key (`authentication`)", 403: "The key may not do this (`permission`)",
+               413: "Request body too large (`validation`)",
+               422: "Invalid request: a parameter out of range, unsupported or malformed (`validation`)",
+               424: "The adapter could not be found or loaded, or generation failed (`generation`)",
+               429: "Overloaded or rate limited, see Retry-After (`overloaded`)",
+               500: "Internal error (`incomplete_generation`)",
+               503: "Shutting down or engine not running, see Retry-After (`unhealthy`)"}
+_ERRORS = error_responses(*_ERROR_TEXT, model=LoraxErrorResponse, text=_ERROR_TEXT)
+_STREAM = sse_content(LoraxStreamResponse, "a JSON LoraxStreamResponse (one per token; the last carries "
+                      "generated_text and, with details, details), or a LoraxErrorResponse if generation fails")
+_DOC = {"openapi_extra": json_body(LoraxRequest)}
+
+
+@router.post("/generate", **_DOC, responses={200: {"model": LoraxGenerateResponse}, **_ERRORS})
 async def generate(request: Request, principal: Principal = Depends(authenticate)):
     return await _run(request, principal, stream=False)
 
 
-@router.post("/generate_stream")
+@router.post("/generate_stream", **_DOC, responses={
+    200: {"description": "A text/event-stream of `data:{json}` events", "content": _STREAM}, **_ERRORS})
 async def generate_stream(request: Request, principal: Principal = Depends(authenticate)):
     return await _run(request, principal, stream=True)
 
 
-@router.post("/")
+@router.post("/", **_DOC, responses={
+    200: {"model": list[LoraxGenerateResponse], "content": _STREAM,
+          "description": "A list of one response, or with `stream: true` a text/event-stream as /generate_stream"},
+    **_ERRORS})
 async def compat_generate(request: Request, principal: Principal = Depends(authenticate)):
     """What `lorax-client` calls: a list of one response, or the stream, as `stream` says."""
     return await _run(request, principal, stream=None)
 
+
+PATHS = frozenset(route.path for route in router.routes)  # render_error's paths: this router's

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from loragate.gateway.auth import Principal
 from loragate.gateway.context import authenticate, get_ctx, parse_body
 from loragate.gateway.errors import APIError, bad_request, from_engine_error, unsupported
+from loragate.gateway.openapi import error_responses, json_body
 from loragate.gateway.protocol import ChatMessage
 from loragate.gateway.routes.adapters import allowed_path, require_admin
 from loragate.gateway.routing import resolve_model
@@ -60,6 +61,21 @@ class DetokenizeRequest(BaseModel):
     tokens: list[StrictInt]
 
 
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+_SUCCESS = {200: {"description": "vLLM's plain-text success line",
+                  "content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+
 def _engine_call(fn, *args: Any) -> Any:
     try:
         return fn(*args)
@@ -70,7 +86,8 @@ def _engine_call(fn, *args: Any) -> Any:
         raise mapped from None
 
 
-@router.post("/v1/load_lora_adapter")
+@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse, openapi_extra=json_body(LoadLoRAAdapterRequest),
+             responses={**_SUCCESS, **error_responses(400, 401, 403, 413, 503)})
 async def load_lora_adapter(request: Request, _: Principal = Depends(require_admin)) -> PlainTextResponse:
     ctx = get_ctx(request)
     body = await parse_body(request, LoadLoRAAdapterRequest)
@@ -84,7 +101,9 @@ async def load_lora_adapter(request: Request, _: Principal = Depends(require_adm
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
 
-@router.post("/v1/unload_lora_adapter")
+@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse,
+             openapi_extra=json_body(UnloadLoRAAdapterRequest),
+             responses={**_SUCCESS, **error_responses(400, 401, 403, 404, 413, 503)})
 async def unload_lora_adapter(request: Request, _: Principal = Depends(require_admin)) -> PlainTextResponse:
     ctx = get_ctx(request)
     body = await parse_body(request, UnloadLoRAAdapterRequest)
@@ -108,7 +127,8 @@ def _check_model(ctx, principal: Principal, model: str | None) -> None:
         resolve_model(ctx.engine, principal, model)
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", response_model=None, openapi_extra=json_body(TokenizeRequest),
+             responses={200: {"model": TokenizeResponse}, **error_responses(400, 401, 404, 413)})
 async def tokenize(request: Request, principal: Principal = Depends(authenticate)) -> dict:
     ctx = get_ctx(request)
     body = await parse_body(request, TokenizeRequest)
@@ -138,7 +158,8 @@ async def tokenize(request: Request, principal: Principal = Depends(authenticate
     return out
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", response_model=None, openapi_extra=json_body(DetokenizeRequest),
+             responses={200: {"model": DetokenizeResponse}, **error_responses(400, 401, 404, 413)})
 async def detokenize(request: Request, principal: Principal = Depends(authenticate)) -> dict:
     ctx = get_ctx(request)
     body = await parse_body(request, DetokenizeRequest)
