@@ -456,3 +456,13 @@ def test_vllm_load_and_unload_lora_adapter(env, tmp_path_factory):
         greedy_text(env, "fresh")
     r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "fresh"}, headers=admin)
     assert r.status_code == 404
+
+
+def test_full_waiting_queue_is_lorax_overloaded():
+    """`--max-waiting` answers 503 on the OpenAI routes; LoRAX's clients expect 429 `overloaded`
+    for a full queue (lorax-client raises OverloadedError for it)."""
+    from loragate.gateway.errors import APIError
+    from loragate.gateway.lorax_protocol import error_status
+
+    assert error_status(APIError(503, "x", code="server_overloaded")) == (429, "overloaded")
+    assert error_status(APIError(503, "x", code="engine_dead")) == (503, "unhealthy")

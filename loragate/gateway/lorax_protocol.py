@@ -282,7 +282,7 @@ def error_status(err: APIError) -> tuple[int, str]:
         return 424, "generation"
     if err.status == 400:
         return 422, "validation"
-    if err.status == 429:
+    if err.status == 429 or err.code == "server_overloaded":  # LoRAX says 429 for a full queue too
         return 429, "overloaded"
     if err.status == 401:
         return 401, "authentication"
