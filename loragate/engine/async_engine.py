@@ -9,6 +9,7 @@ single-threaded. If a step raises, the loop marks the engine dead, fails every o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -173,9 +174,7 @@ class AsyncEngine:
         self._post(lambda: self.engine.abort(request_id))
 
     def stats(self) -> EngineStats:
-        s = self._stats
-        return EngineStats(s.running, s.waiting, s.kv_blocks_used, s.kv_blocks_total, s.steps, self.is_alive,
-                           s.preemptions)
+        return dataclasses.replace(self._stats, alive=self.is_alive)
 
     # ---- adapters --------------------------------------------------------------------------
     def has_adapter(self, name: str) -> bool:

@@ -39,3 +39,6 @@ class EngineConfig:
     fairness: str = "vtc"  # vtc | fcfs
     tenant_weights: tuple[tuple[str, float], ...] = field(default_factory=tuple)
     seed: int = 0
+    # automatic prefix caching: requests reuse the computed KV blocks of earlier ones with the same
+    # leading tokens and the same adapter content (see prefix_cache.py)
+    enable_prefix_caching: bool = True

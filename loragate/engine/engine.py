@@ -62,7 +62,7 @@ class Engine:
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(mc.eos_token_ids)
         spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, self.dtype)
         budget = kv_budget_bytes(config.kv_cache_memory, self.device, config.gpu_memory_fraction, config.cpu_kv_cache_memory)
-        self.kv = KVCache(spec, spec.blocks_for_budget(budget), self.device)
+        self.kv = KVCache(spec, spec.blocks_for_budget(budget), self.device, config.enable_prefix_caching)
         self.lora: LoraWeights | None = None
         self.adapters: AdapterCache | None = None
         self.registry = AdapterRegistry(config.adapters, config.adapter_dir, config.allowed_adapter_dirs)
@@ -146,6 +146,9 @@ class Engine:
             steps=self.num_steps,
             alive=alive,
             preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.kv.allocator.queries,
+            prefix_cache_hits=self.kv.allocator.hits,
+            prefix_cache_blocks=self.kv.allocator.num_cached,
         )
 
     def adapter_in_use(self, name: str) -> bool:
@@ -166,6 +169,7 @@ class Engine:
         sampled = [s.seq for s in sched.scheduled if s.sample]
         for s in sched.scheduled:
             s.seq.num_computed += s.num_tokens
+            self.kv.allocator.commit(s.seq)  # full computed blocks become shareable
         if not sampled:
             return outputs
         rows = [SampleRow(q.request.params, q.prompt_ids, q.output_ids, q.generator) for q in sampled]
@@ -192,7 +196,8 @@ class Engine:
         if reason is None:
             return RequestOutput(seq.request_id, [tok], delta, new_logprobs=lps,
                                  prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
-                                 queue_time=seq.waited, first_token_time=seq.first_token_at)
+                                 queue_time=seq.waited, first_token_time=seq.first_token_at,
+                                 cached_tokens=seq.num_cached_tokens)
         if not stopped:
             delta += seq.text.finish()
         self.seqs.pop(seq.request_id, None)
@@ -205,4 +210,5 @@ class Engine:
         seq.finish_reason = reason
         return RequestOutput(seq.request_id, toks, delta, finished=True, finish_reason=reason, new_logprobs=lps,
                              prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
-                             error=error, queue_time=seq.waited, first_token_time=seq.first_token_at)
+                             error=error, queue_time=seq.waited, first_token_time=seq.first_token_at,
+                             cached_tokens=seq.num_cached_tokens)

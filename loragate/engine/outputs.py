@@ -44,6 +44,7 @@ class RequestOutput:
     # timing, filled on the engine side (monotonic seconds) for metrics
     queue_time: float | None = None
     first_token_time: float | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (whole blocks)
 
 
 @dataclass
@@ -57,6 +58,9 @@ class EngineStats:
     steps: int
     alive: bool
     preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens of admitted requests looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found cached (not prefilled again)
+    prefix_cache_blocks: int = 0  # KV blocks holding cached computed content (in use or reclaimable)
 
 
 @dataclass
