@@ -7,17 +7,20 @@ ran the same weights. The identity is the base model's own constant or an adapte
 again under the same name with other weights gets other keys, and its requests never read the old
 blocks.
 
-Block life: `allocate` hands out blocks with refcount 1 (from the free list first, then by evicting
-the least recently freed cached block); a running sequence's blocks get their key as soon as their
-tokens are known (`register`) but count as cached only once the step that computes them has run
-(`commit`). `free` drops a reference; a block whose last reference goes keeps its content in an
-LRU if it was computed under a key, and is reclaimed only when an allocation needs it. A new
-sequence `match`es the longest run of computed cached blocks of its tokens and takes references on
-them (`take`), so it prefills only the rest; the block holding its last token is never taken, so
-that token is always computed and there are logits to sample from. When the block after that run
-is still being computed by a running sequence (n > 1 choices, or requests arriving together with
-one system prompt), `match` says so and the scheduler waits a step to share it rather than compute
-it twice.
+Block life: `allocate` hands out blocks with refcount 1 (from the empty ones first, then by
+evicting the least recently freed cached block). After each step, `commit` keys a sequence's
+blocks that are now full of computed tokens: from then on they are cached content. `free` drops a
+reference; a cached block whose last reference goes stays in an LRU and is reclaimed only when an
+allocation needs it; any other block is simply empty again.
+
+A new sequence `match`es the longest run of cached blocks of its tokens, `start`s from it (taking
+references, so it prefills only the rest) and promises the keys of the full blocks it will compute.
+The block holding its last token is never matched: that token is always computed, so there are
+logits to sample from. When the block after a match is promised by a running sequence (n > 1
+choices, a burst of requests with one system prompt, a long prompt in chunked prefill), `match`
+says so and the scheduler waits for it rather than compute it twice. `release` (finish, abort,
+preemption) withdraws the promises and frees the blocks; a preempted sequence finds its own
+cached blocks again when it is recomputed, unless they were reclaimed meanwhile.
 
 With caching disabled the pool is a plain free list: nothing is keyed, matched or kept.
 """
@@ -25,9 +28,9 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 _DOMAIN = b"loragate-prefix-cache-v1\0"
@@ -44,14 +47,22 @@ def block_key(parent: bytes, identity: bytes, tokens: Seq[int]) -> bytes:
     return hashlib.sha256(parent + identity + array("q", tokens).tobytes()).digest()
 
 
+@dataclass
+class PrefixState:
+    """A sequence's place in the prefix cache."""
+
+    identity: bytes | None = None  # whose KV its blocks hold; None: not cacheable
+    keys: list[bytes] = field(default_factory=list)  # keys of its leading full blocks (memoised)
+    committed: int = 0  # leading blocks of its table that hold computed, keyed content
+    promised: int = 0  # leading blocks whose keys it promised to compute (see PrefixCache.start)
+
+
 class Hashable(Protocol):
     """What the pool needs from a sequence (`engine.sequence.Sequence` provides it)."""
 
     block_table: list[int]
     num_computed: int
-    block_hashes: list[bytes]
-    hash_identity: bytes | None
-    num_committed_blocks: int
+    prefix: PrefixState
 
     @property
     def num_tokens(self) -> int: ...
@@ -61,8 +72,8 @@ class Hashable(Protocol):
 
 @dataclass
 class Match:
-    """The computed cached blocks a sequence can start from, and whether the next block is being
-    computed by a running sequence right now (worth waiting a step for)."""
+    """The cached blocks a sequence can start from, and whether the block after them is promised
+    by a running sequence (worth waiting for)."""
 
     blocks: list[int]
     pending: bool = False
@@ -76,15 +87,15 @@ class PrefixCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enabled = enabled
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # nothing reusable in them
-        self._lru: OrderedDict[int, None] = OrderedDict()  # refcount 0, cached content; oldest first
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # empty blocks
+        self._lru: OrderedDict[int, None] = OrderedDict()  # unreferenced cached blocks, oldest first
         self._ref = [0] * num_blocks
-        self._key: list[bytes | None] = [None] * num_blocks
-        self._computed = [False] * num_blocks
+        self._key: list[bytes | None] = [None] * num_blocks  # set iff the block is cached content
         self._by_key: dict[bytes, int] = {}
-        self.num_cached = 0  # blocks whose computed content is keyed (in use or in the LRU)
+        self._promised: Counter[bytes] = Counter()
         self.queries = 0  # prompt tokens looked up by newly admitted requests
-        self.hits = 0  # of those, tokens found computed in the cache
+        self.hits = 0  # of those, tokens found in the cache
+        self.evictions = 0  # cached blocks reclaimed by allocations
 
     # ---- the allocator -------------------------------------------------------------------------
     @property
@@ -95,6 +106,11 @@ class PrefixCache:
     @property
     def num_used(self) -> int:
         return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks holding cached content, referenced or not."""
+        return len(self._by_key)
 
     def can_allocate(self, n: int) -> bool:
         return n <= self.num_free
@@ -109,7 +125,9 @@ class PrefixCache:
                 b = self._free.pop()
             else:
                 b, _ = self._lru.popitem(last=False)
-                self._unkey(b)
+                del self._by_key[self._key[b]]
+                self._key[b] = None
+                self.evictions += 1
             self._ref[b] = 1
             out.append(b)
         return out
@@ -119,99 +137,97 @@ class PrefixCache:
         are evicted before its first ones (the head of a prompt is the part others share)."""
         for b in reversed(blocks):
             self._ref[b] -= 1
-            if self._ref[b] > 0:
-                continue
-            if self._computed[b]:
-                self._lru[b] = None
-            else:
-                self._unkey(b)  # keyed for a computation that never ran
-                self._free.append(b)
+            if self._ref[b] == 0:
+                if self._key[b] is not None:
+                    self._lru[b] = None
+                else:
+                    self._free.append(b)
 
     def refcount(self, block: int) -> int:
         return self._ref[block]
 
-    def _unkey(self, b: int) -> None:
-        key = self._key[b]
-        if key is not None:
-            if self._by_key.get(key) == b:
-                del self._by_key[key]
-            self._key[b] = None
-        if self._computed[b]:
-            self._computed[b] = False
-            self.num_cached -= 1
-
     # ---- prefix caching ------------------------------------------------------------------------
     def hashes(self, seq: Hashable, identity: bytes, num_blocks: int) -> list[bytes]:
         """The keys of seq's first `num_blocks` full blocks (computed once, kept on the sequence)."""
-        if seq.hash_identity != identity:
-            seq.hash_identity, seq.block_hashes = identity, []
-        keys, bs = seq.block_hashes, self.block_size
+        st = seq.prefix
+        if st.identity != identity:
+            st.identity, st.keys = identity, []
+        keys, bs = st.keys, self.block_size
         while len(keys) < num_blocks:
             j = len(keys)
             parent = keys[-1] if keys else b""
             keys.append(block_key(parent, identity, [seq.token_at(i) for i in range(j * bs, (j + 1) * bs)]))
-        return keys[:num_blocks]
+        return keys
 
     def match(self, seq: Hashable, identity: bytes | None) -> Match:
-        """The longest run of computed cached blocks that starts seq's tokens, short of the block
-        holding its last token (which must be computed to have logits)."""
+        """The longest run of cached blocks that starts seq's tokens, short of the block holding
+        its last token (which must be computed to have logits)."""
         if not self.enabled or identity is None:
             return Match([])
         limit = (seq.num_tokens - 1) // self.block_size
         blocks: list[int] = []
-        for key in self.hashes(seq, identity, limit):
+        for key in self.hashes(seq, identity, limit)[:limit]:
             b = self._by_key.get(key)
             if b is None:
-                return Match(blocks)
-            if not self._computed[b]:
-                return Match(blocks, pending=True)
+                return Match(blocks, pending=key in self._promised)
             blocks.append(b)
         return Match(blocks)
 
-    def can_take(self, blocks: list[int], new: int) -> bool:
-        """Whether `blocks` can be referenced and `new` more allocated, together."""
-        reclaimed = sum(1 for b in blocks if self._ref[b] == 0)  # they leave the LRU
+    def can_start(self, match: Match, new: int) -> bool:
+        """Whether the match's blocks can be referenced and `new` more allocated, together."""
+        reclaimed = sum(1 for b in match.blocks if self._ref[b] == 0)  # they leave the LRU
         return new <= self.num_free - reclaimed
 
-    def take(self, blocks: list[int]) -> None:
-        """Reference cached blocks (a match's)."""
-        for b in blocks:
+    def start(self, seq: Hashable, identity: bytes | None, match: Match) -> None:
+        """Admit seq (it holds no blocks): reference the match's blocks as the head of its table
+        and promise the keys of its other full blocks. The caller allocates the rest."""
+        st = seq.prefix
+        st.identity = identity if self.enabled else None
+        if st.identity is None:
+            st.keys = []
+        for b in match.blocks:
             if self._ref[b] == 0:
                 del self._lru[b]
             self._ref[b] += 1
-
-    def register(self, seq: Hashable) -> None:
-        """Key seq's blocks whose tokens are all known, before they are computed: a sequence
-        admitted meanwhile sees them as pending and waits for them instead of computing them too.
-        A key already held by another block leaves this block anonymous."""
-        if not self.enabled or seq.hash_identity is None:
-            return
-        full = min(len(seq.block_table), seq.num_tokens // self.block_size)
-        for j, key in enumerate(self.hashes(seq, seq.hash_identity, full)):
-            b = seq.block_table[j]
-            if self._key[b] is None and key not in self._by_key:
-                self._key[b] = key
-                self._by_key[key] = b
+        seq.block_table = list(match.blocks)
+        seq.num_computed = len(match.blocks) * self.block_size
+        st.committed = st.promised = len(match.blocks)
+        if st.identity is not None:
+            full = seq.num_tokens // self.block_size
+            self._promised.update(self.hashes(seq, st.identity, full)[st.committed:full])
+            st.promised = full
 
     def commit(self, seq: Hashable) -> None:
-        """After a step: seq's blocks that are now full of computed tokens become cached content."""
-        if not self.enabled or seq.hash_identity is None:
-            return
+        """After a step: seq's blocks that are now full of computed tokens become cached content
+        (unless the same content is cached in another block already) and fulfil its promises."""
+        st = seq.prefix
         done = seq.num_computed // self.block_size
-        if done <= seq.num_committed_blocks:
+        if st.identity is None or done <= st.committed:
             return
-        keys = self.hashes(seq, seq.hash_identity, done)
-        for j in range(seq.num_committed_blocks, done):
-            b = seq.block_table[j]
-            if self._key[b] is None:
-                if keys[j] in self._by_key:
-                    continue  # the same content is cached in another block already
-                self._key[b] = keys[j]
-                self._by_key[keys[j]] = b
-            if not self._computed[b]:
-                self._computed[b] = True
-                self.num_cached += 1
-        seq.num_committed_blocks = done
+        keys = self.hashes(seq, st.identity, done)
+        for j in range(st.committed, done):
+            b, key = seq.block_table[j], keys[j]
+            if key not in self._by_key:
+                self._key[b] = key
+                self._by_key[key] = b
+            if j < st.promised:
+                self._unpromise(key)
+        st.committed = done
+
+    def release(self, seq: Hashable) -> None:
+        """seq stops running (finished, aborted or preempted): withdraw what it promised and free
+        its blocks. Its cached ones stay in the cache for others, or for its own recompute."""
+        st = seq.prefix
+        for key in st.keys[st.committed:st.promised]:
+            self._unpromise(key)
+        st.committed = st.promised = 0
+        self.free(seq.block_table)
+        seq.block_table = []
+
+    def _unpromise(self, key: bytes) -> None:
+        self._promised[key] -= 1
+        if self._promised[key] <= 0:
+            del self._promised[key]
 
     # ---- invariants, for tests -----------------------------------------------------------------
     def check(self) -> None:
@@ -219,12 +235,11 @@ class PrefixCache:
         free, lru = set(self._free), set(self._lru)
         assert len(free) == len(self._free) and not free & lru
         for b in range(self.num_blocks):
-            assert self._ref[b] >= 0
+            assert self._ref[b] >= 0, b
             assert (self._ref[b] == 0) == (b in free or b in lru), b
-            assert b not in free or (self._key[b] is None and not self._computed[b]), b
-            assert b not in lru or self._computed[b], b
+            assert b not in free or self._key[b] is None, b
+            assert b not in lru or self._key[b] is not None, b
             key = self._key[b]
             assert key is None or self._by_key.get(key) == b, b
-            assert not self._computed[b] or key is not None, b
-        assert all(self._key[b] == k for k, b in self._by_key.items())
-        assert self.num_cached == sum(self._computed)
+        assert len(self._by_key) == sum(k is not None for k in self._key)
+        assert all(n > 0 for n in self._promised.values())

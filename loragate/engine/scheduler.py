@@ -98,9 +98,7 @@ class Scheduler:
         seq.state = SeqState.FINISHED
 
     def _release(self, seq: Sequence) -> None:
-        self.kv.allocator.free(seq.block_table)
-        seq.block_table = []
-        seq.num_committed_blocks = 0
+        self.kv.allocator.release(seq)  # frees its blocks; cached ones stay for others
         if seq.request.adapter and self.adapters is not None and seq.slot >= 0:
             self.adapters.release(seq.request.adapter)
         seq.slot = -1
@@ -122,7 +120,6 @@ class Scheduler:
         if not self.kv.allocator.can_allocate(need):
             return False
         seq.block_table.extend(self.kv.allocator.allocate(need))
-        self.kv.allocator.register(seq)
         return True
 
     # ---- prefix caching ---------------------------------------------------------------------
@@ -190,7 +187,7 @@ class Scheduler:
                 if self._adapter_slot(head, out) is None:
                     continue
                 if self._match(head)[1].pending:
-                    continue  # its next block is being computed now: share it from the next step
+                    continue  # its next block is being computed by a running sequence: share it
                 candidates.append((client, head.request.arrival_time))
             if not candidates:
                 return
@@ -200,7 +197,7 @@ class Scheduler:
             start = len(match.blocks) * self.kv.block_size  # cached tokens, whole blocks
             n = min(seq.num_tokens - start, budget)
             need = self.kv.blocks_needed(start + n) - len(match.blocks)
-            if not self.kv.allocator.can_take(match.blocks, need):
+            if not self.kv.allocator.can_start(match, need):
                 return  # no memory for the fairest choice: wait rather than skip past it
             slot = -1
             if seq.request.adapter and self.adapters is not None:
@@ -223,17 +220,11 @@ class Scheduler:
         checked that both fit). The first admission records what the prompt found cached; cached
         tokens are never charged to the client."""
         pool = self.kv.allocator
-        start = len(match.blocks) * self.kv.block_size
-        if seq.hash_identity != identity:
-            seq.hash_identity, seq.block_hashes = identity, []
-        pool.take(match.blocks)
-        seq.block_table = list(match.blocks)
-        seq.num_computed = start
-        seq.num_committed_blocks = len(match.blocks)
+        pool.start(seq, identity, match)
         if not self._grow(seq, upto):
             raise RuntimeError("KV blocks checked free were not")
         if seq.admitted_at is None:
-            cached = min(start, len(seq.prompt_ids))
+            cached = min(seq.num_computed, len(seq.prompt_ids))
             seq.num_cached_tokens = cached
             seq.prompt_charged = max(seq.prompt_charged, cached)
             if identity is not None:

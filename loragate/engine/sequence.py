@@ -14,6 +14,7 @@ import torch
 
 from loragate.engine.detokenizer import TextStream
 from loragate.engine.outputs import EngineRequest
+from loragate.engine.prefix_cache import PrefixState
 
 
 class SeqState(enum.Enum):
@@ -38,13 +39,8 @@ class Sequence:
     admitted_at: float | None = None
     first_token_at: float | None = None
     preemptions: int = 0
-    # prefix caching (prefix_cache.py): the keys of the full blocks and whom they are keyed for
-    # (None: not cacheable), blocks already handed to the cache, and the prompt tokens the first
-    # admission found cached (reported as usage.prompt_tokens_details.cached_tokens)
-    block_hashes: list[bytes] = field(default_factory=list)
-    hash_identity: bytes | None = None
-    num_committed_blocks: int = 0
-    num_cached_tokens: int = 0
+    prefix: PrefixState = field(default_factory=PrefixState)  # its place in the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens the first admission found cached (usage reports them)
 
     @property
     def request_id(self) -> str:
