@@ -204,6 +204,29 @@ SCENARIOS = {
 }
 
 
+def test_adapter_digest_is_its_content_not_its_name(base, adapters, tmp_path):
+    import json
+
+    from loragate.engine.adapters.peft_loader import load_peft_adapter
+
+    engine = engine_with(base, {})
+    info = engine.base_info
+    engine.shutdown()
+
+    def digest(path, name="x"):
+        return load_peft_adapter(path, name, info, 8).digest
+
+    da = digest(adapters["a"], "a")
+    assert len(da) == 64 and da == digest(adapters["a-twin"], "another-name") == digest(adapters["a"], "a")
+    assert da != digest(adapters["c"], "a")  # same shape and config, other weights
+    scaled = tmp_path / "a-alpha"
+    shutil.copytree(adapters["a"], scaled)
+    cfg = json.loads((scaled / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = cfg["lora_alpha"] * 2
+    (scaled / "adapter_config.json").write_text(json.dumps(cfg))
+    assert digest(scaled) != da  # same tensors, other scale
+
+
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_greedy_outputs_equal_with_and_without_caching(base, adapters, vocab, scenario):
     kw = dict(SCENARIOS[scenario])

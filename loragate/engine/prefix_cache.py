@@ -57,7 +57,7 @@ class PrefixState:
     promised: int = 0  # leading blocks whose keys it promised to compute (see PrefixCache.start)
 
 
-class Hashable(Protocol):
+class SequenceLike(Protocol):
     """What the pool needs from a sequence (`engine.sequence.Sequence` provides it)."""
 
     block_table: list[int]
@@ -147,7 +147,7 @@ class PrefixCache:
         return self._ref[block]
 
     # ---- prefix caching ------------------------------------------------------------------------
-    def hashes(self, seq: Hashable, identity: bytes, num_blocks: int) -> list[bytes]:
+    def hashes(self, seq: SequenceLike, identity: bytes, num_blocks: int) -> list[bytes]:
         """The keys of seq's first `num_blocks` full blocks (computed once, kept on the sequence)."""
         st = seq.prefix
         if st.identity != identity:
@@ -159,7 +159,7 @@ class PrefixCache:
             keys.append(block_key(parent, identity, [seq.token_at(i) for i in range(j * bs, (j + 1) * bs)]))
         return keys
 
-    def match(self, seq: Hashable, identity: bytes | None) -> Match:
+    def match(self, seq: SequenceLike, identity: bytes | None) -> Match:
         """The longest run of cached blocks that starts seq's tokens, short of the block holding
         its last token (which must be computed to have logits)."""
         if not self.enabled or identity is None:
@@ -178,7 +178,7 @@ class PrefixCache:
         reclaimed = sum(1 for b in match.blocks if self._ref[b] == 0)  # they leave the LRU
         return new <= self.num_free - reclaimed
 
-    def start(self, seq: Hashable, identity: bytes | None, match: Match) -> None:
+    def start(self, seq: SequenceLike, identity: bytes | None, match: Match) -> None:
         """Admit seq (it holds no blocks): reference the match's blocks as the head of its table
         and promise the keys of its other full blocks. The caller allocates the rest."""
         st = seq.prefix
@@ -197,7 +197,7 @@ class PrefixCache:
             self._promised.update(self.hashes(seq, st.identity, full)[st.committed:full])
             st.promised = full
 
-    def commit(self, seq: Hashable) -> None:
+    def commit(self, seq: SequenceLike) -> None:
         """After a step: seq's blocks that are now full of computed tokens become cached content
         (unless the same content is cached in another block already) and fulfil its promises."""
         st = seq.prefix
@@ -214,7 +214,7 @@ class PrefixCache:
                 self._unpromise(key)
         st.committed = done
 
-    def release(self, seq: Hashable) -> None:
+    def release(self, seq: SequenceLike) -> None:
         """seq stops running (finished, aborted or preempted): withdraw what it promised and free
         its blocks. Its cached ones stay in the cache for others, or for its own recompute."""
         st = seq.prefix
