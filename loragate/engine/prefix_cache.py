@@ -148,7 +148,8 @@ class PrefixCache:
 
     # ---- prefix caching ------------------------------------------------------------------------
     def hashes(self, seq: SequenceLike, identity: bytes, num_blocks: int) -> list[bytes]:
-        """The keys of seq's first `num_blocks` full blocks (computed once, kept on the sequence)."""
+        """The keys of seq's full blocks, at least its first `num_blocks` (memoised on the sequence;
+        recomputed if it is now keyed for another identity)."""
         st = seq.prefix
         if st.identity != identity:
             st.identity, st.keys = identity, []
@@ -182,9 +183,9 @@ class PrefixCache:
         """Admit seq (it holds no blocks): reference the match's blocks as the head of its table
         and promise the keys of its other full blocks. The caller allocates the rest."""
         st = seq.prefix
-        st.identity = identity if self.enabled else None
-        if st.identity is None:
-            st.keys = []
+        identity = identity if self.enabled else None
+        if st.identity != identity:
+            st.identity, st.keys = identity, []
         for b in match.blocks:
             if self._ref[b] == 0:
                 del self._lru[b]
