@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tenant-weight", action="append", type=_weight_pair, default=[], metavar="CLIENT=WEIGHT",
                    help="VTC weight of a tenant (or adapter, for keyless requests); weight 2 gets twice "
                    "the service of weight 1 when both are backlogged (repeatable; default 1)")
+    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of earlier requests with the same leading tokens and the same "
+                   "adapter weights")
     h = s.add_argument_group("server")
     h.add_argument("--host", default="127.0.0.1", help="address to bind")
     h.add_argument("--port", type=int, default=8000, help="port to bind")
@@ -211,6 +214,7 @@ def build_configs(args: argparse.Namespace) -> ServeConfig:
         adapter_memory_fraction=args.adapter_memory_fraction,
         lora_target_modules=parse_target_modules(args.lora_target_modules),
         lora_kernels=args.lora_kernels,
+        enable_prefix_caching=args.enable_prefix_caching,
     )
     gateway = GatewaySettings(api_keys=tuple(args.api_key), api_keys_file=keys_file,
                               allowed_adapter_dirs=tuple(args.allowed_adapter_dir),

@@ -93,3 +93,26 @@ def test_self_check_passes_and_warms_on_cuda():
     launches, seconds = warm_triton(lora, ranks=[8])
     assert launches == 2 * 3  # two groups, three row-block sizes, one rank bucket
     assert all(torch.count_nonzero(b) == 0 for b in lora.B[0].values())
+
+
+def test_prefix_caching_on_cuda_equals_off(checkpoints, tmp_path):
+    from engine_utils import make_engine, random_prompts, request, run_to_completion, tokens
+    from loragate.testing import build_adapter
+
+    base = checkpoints("llama3")
+    ads = {"a": build_adapter(base, tmp_path / "a", rank=8, targets=("q_proj", "v_proj"), seed=4),
+           "b": build_adapter(base, tmp_path / "b", rank=4, targets=("o_proj", "down_proj"), seed=5)}
+    system = random_prompts(1, 400, seed=9, lo=37, hi=38)[0]
+    users = random_prompts(9, 400, seed=10, lo=3, hi=12)
+    plan = [None, "a", "b"] * 3
+    results = {}
+    for on in (False, True):
+        engine = make_engine(base, device="cuda", adapters=tuple((n, str(p)) for n, p in ads.items()), max_loras=2,
+                             max_lora_rank=8, max_num_batched_tokens=16, enable_prefix_caching=on)
+        reqs = [request(system + u, adapter=a, max_tokens=8, ignore_eos=True) for u, a in zip(users, plan)]
+        outs = run_to_completion(engine, {0: reqs[:3], 2: reqs[3:6], 4: reqs[6:]})
+        results[on] = [tokens(outs[r.request_id]) for r in reqs]
+        assert (engine.stats().prefix_cache_hits > 0) == on
+        assert engine.kv.allocator.num_used == 0
+        engine.shutdown()
+    assert results[True] == results[False]

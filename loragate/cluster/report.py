@@ -54,6 +54,9 @@ def aggregate_stats(reports: Iterable[ReplicaReport]) -> EngineStats:
         alive=any(r.stats.alive for r in reports),
         preemptions=sum(r.stats.preemptions for r in reports),
         lora_slots=sum(r.stats.lora_slots for r in reports),
+        prefix_cache_queries=sum(r.stats.prefix_cache_queries for r in reports),
+        prefix_cache_hits=sum(r.stats.prefix_cache_hits for r in reports),
+        prefix_cache_blocks=sum(r.stats.prefix_cache_blocks for r in reports),
     )
 
 

@@ -50,3 +50,6 @@ class EngineConfig:
     adapter_memory_fraction: float = 0.1  # of the device memory left after the weights
     lora_target_modules: str | tuple[str, ...] = "auto"  # auto | all | PEFT module names the slots hold
     lora_kernels: str = "auto"  # auto: self-checked fast kernels | torch: the torch path everywhere
+    # automatic prefix caching: requests reuse the computed KV blocks of earlier ones with the same
+    # leading tokens and the same adapter content (see prefix_cache.py)
+    enable_prefix_caching: bool = True

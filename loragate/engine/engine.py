@@ -97,7 +97,7 @@ class Engine:
         budget = kv_budget_bytes(config.kv_cache_memory, self.device, config.gpu_memory_fraction,
                                  config.cpu_kv_cache_memory, free=free,
                                  reserved=self.slot_plan.total_bytes if self.slot_plan else 0)
-        self.kv = KVCache(spec, spec.blocks_for_budget(budget), self.device)
+        self.kv = KVCache(spec, spec.blocks_for_budget(budget), self.device, config.enable_prefix_caching)
         if self.kernels is not None:
             log.info(self.kernels.summary())
         self.policy = make_policy(config.fairness, dict(config.tenant_weights) or None)
@@ -170,6 +170,9 @@ class Engine:
             alive=alive,
             preemptions=self.scheduler.num_preemptions,
             lora_slots=self.lora.max_loras if self.lora is not None else 0,
+            prefix_cache_queries=self.kv.allocator.queries,
+            prefix_cache_hits=self.kv.allocator.hits,
+            prefix_cache_blocks=self.kv.allocator.num_cached,
         )
 
     def lora_state(self) -> LoraState:
@@ -200,6 +203,7 @@ class Engine:
         sampled = [s.seq for s in sched.scheduled if s.sample]
         for s in sched.scheduled:
             s.seq.num_computed += s.num_tokens
+            self.kv.allocator.commit(s.seq)  # full computed blocks become shareable
         if not sampled:
             return outputs
         rows = [SampleRow(q.request.params, q.prompt_ids, q.output_ids, q.generator) for q in sampled]
@@ -226,7 +230,8 @@ class Engine:
         if reason is None:
             return RequestOutput(seq.request_id, [tok], delta, new_logprobs=lps,
                                  prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
-                                 queue_time=seq.waited, first_token_time=seq.first_token_at)
+                                 queue_time=seq.waited, first_token_time=seq.first_token_at,
+                                 cached_tokens=seq.num_cached_tokens)
         if not stopped:
             delta += seq.text.finish()
         self.seqs.pop(seq.request_id, None)
@@ -241,4 +246,4 @@ class Engine:
         return RequestOutput(seq.request_id, toks, delta, finished=True, finish_reason=reason, new_logprobs=lps,
                              prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
                              error=error, queue_time=seq.waited, first_token_time=seq.first_token_at,
-                             error_kind=error_kind)
+                             error_kind=error_kind, cached_tokens=seq.num_cached_tokens)

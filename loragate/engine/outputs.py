@@ -47,6 +47,7 @@ class RequestOutput:
     # with finish_reason "error", what the client did wrong: "adapter_load" (its adapter is bad),
     # "adapter_not_found" (deleted before the request reached the engine); None = a server fault
     error_kind: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (whole blocks)
 
 
 @dataclass
@@ -61,6 +62,9 @@ class EngineStats:
     alive: bool
     preemptions: int = 0
     lora_slots: int = 0  # adapter slots on the device (--max-loras, or what `auto` sized)
+    prefix_cache_queries: int = 0  # prompt tokens of admitted requests looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found cached (not prefilled again)
+    prefix_cache_blocks: int = 0  # KV blocks holding cached computed content (in use or reclaimable)
 
 
 @dataclass

@@ -53,6 +53,14 @@ class GatewayMetrics:
                                    registry=r)
         self.adapter_slots_used = Gauge("loragate_adapter_slots_used", "Adapter slots holding an adapter",
                                         registry=r)
+        # prefix cache: engine totals, turned into counters by the increase since the last scrape
+        self.prefix_queries = Counter("loragate_prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                      "cache", registry=r)
+        self.prefix_hits = Counter("loragate_prefix_cache_hits", "Prompt tokens found in the prefix cache "
+                                   "(not prefilled again)", registry=r)
+        self.prefix_blocks = Gauge("loragate_prefix_cache_blocks", "KV blocks holding cached prefixes "
+                                   "(in use or reclaimable)", registry=r)
+        self._prefix_seen = (0, 0)
 
     def observe_engine(self, engine) -> None:
         """Sample engine-level gauges; tolerate a dead engine (its stats are still readable)."""
@@ -63,6 +71,11 @@ class GatewayMetrics:
         self.kv_total.set(s.kv_blocks_total)
         self.kv_usage.set(s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0)
         self.alive.set(1 if engine.is_alive else 0)
+        seen_q, seen_h = self._prefix_seen
+        self.prefix_queries.inc(max(0, s.prefix_cache_queries - seen_q))
+        self.prefix_hits.inc(max(0, s.prefix_cache_hits - seen_h))
+        self._prefix_seen = (max(s.prefix_cache_queries, seen_q), max(s.prefix_cache_hits, seen_h))
+        self.prefix_blocks.set(s.prefix_cache_blocks)
         self.adapter_tier.clear()
         self.adapter_load_seconds.clear()
         adapters = engine.list_adapters()

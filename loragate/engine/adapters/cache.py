@@ -60,6 +60,7 @@ class _Entry:
     error: str | None = None
     source_sig: tuple | None = None  # what the failed load read; a change allows a retry
     recheck: bool = False
+    digest: str | None = None  # content digest of what sits in the slot (set with it)
 
 
 def _source_signature(path: str | None) -> tuple | None:
@@ -168,6 +169,13 @@ class AdapterCache:
             e.last_used = self._next_tick()
             if e.refcount == 0:
                 self._cond.notify_all()  # a load waiting for a slot may proceed
+
+    def digest_of(self, name: str) -> str | None:
+        """Content digest of the adapter in `name`'s device slot (None unless resident): the prefix
+        cache's identity for it. Stable while a request holds the slot (acquire)."""
+        with self._cond:
+            e = self._entries.get(name)
+            return e.digest if e is not None and e.state == DEVICE else None
 
     def error_of(self, name: str) -> str | None:
         with self._cond:
@@ -425,7 +433,7 @@ class AdapterCache:
                 if err is not None and self._current(e):
                     self._fail(e, err, None)
                 return
-            e.slot, e.state, e.staged = slot, DEVICE, None
+            e.slot, e.state, e.staged, e.digest = slot, DEVICE, None, loaded.digest or None
             e.load_count += 1
             e.last_load_seconds = e.read_seconds + seconds
             e.last_used = self._next_tick()

@@ -20,6 +20,7 @@ PEFT's delta weight for every module.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -367,4 +368,19 @@ def load_peft_adapter(path: str | Path, name: str, base: BaseModelInfo, max_rank
         weights=weights,
         targets=tuple(m for m in SUPPORTED_MODULES if m in present),
         nbytes=nbytes,
+        digest=content_digest(cfg, weights, rank, scale),
     )
+
+
+def content_digest(cfg: dict, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], rank: int,
+                   scale: float) -> str:
+    """sha256 (hex) of an adapter's config and of its weights exactly as they will sit in a slot
+    (base dtype, per-module scales folded). Computed with the load, on the loader thread; hashlib
+    releases the GIL on large buffers, so the step loop keeps running meanwhile."""
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h.update(repr((rank, float(scale))).encode())
+    for (layer, module), (a, b) in sorted(weights.items()):
+        for part, t in (("A", a), ("B", b)):
+            h.update(f"|{layer}.{module}.{part}:{t.dtype}:{tuple(t.shape)}|".encode())
+            h.update(t.contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()

@@ -98,7 +98,7 @@ async def create_completion(request: Request, principal: Principal = Depends(aut
         choices = [CompletionChoice(index=k, text=echo[k // n] + "".join(s.text), logprobs=logprobs_for(k, s.logprobs),
                                     finish_reason=s.finish_reason) for k, s in enumerate(states)]
         return CompletionResponse(id=rid, created=created, model=req.model, system_fingerprint=fingerprint,
-                                  choices=choices, usage=usage(prompt_tokens, states))
+                                  choices=choices, usage=usage(prompt_tokens, states, n))
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -117,5 +117,5 @@ async def create_completion(request: Request, principal: Principal = Depends(aut
         return chunks
 
     opening = [chunk([CompletionChoice(index=k, text=echo[k // n])]) for k in range(len(requests))] if req.echo else []
-    final_usage = (lambda: chunk([], usage(prompt_tokens, states))) if include_usage else None
+    final_usage = (lambda: chunk([], usage(prompt_tokens, states, n))) if include_usage else None
     return SSEResponse(sse_events(gen, states, rec, opening, render, final_usage))
