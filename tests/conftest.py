@@ -77,7 +77,10 @@ class _LeakWatch(logging.Handler):
 
 @pytest.fixture(scope="session", autouse=True)
 def _secrets_watch(tmp_path_factory):
-    from loragate.gateway import errors
+    try:
+        from loragate.gateway import errors
+    except ImportError:  # an engine-only environment (the GPU check has no FastAPI): watch logs only
+        errors = None
 
     _watch["base"] = str(tmp_path_factory.getbasetemp())
     handler = _LeakWatch(logging.DEBUG)
@@ -86,15 +89,17 @@ def _secrets_watch(tmp_path_factory):
     old_level = ours.level
     ours.setLevel(logging.DEBUG)  # so that every line the server could log is seen
     root.addHandler(handler)
-    real_body = errors.error_body
+    real_body = errors.error_body if errors else None
 
     def watched_body(message, type, param=None, code=None):
         _scan(f"error body ({code})", str(message))
         return real_body(message, type, param, code)
 
-    errors.error_body = watched_body
+    if errors:
+        errors.error_body = watched_body
     yield
-    errors.error_body = real_body
+    if errors:
+        errors.error_body = real_body
     root.removeHandler(handler)
     ours.setLevel(old_level)
 
