@@ -191,12 +191,13 @@ class FakeEngine:
                 new_text = self.tokenizer.decode(new_ids) if reason != "stop" or new_ids[-1] not in \
                     (self.tokenizer.eos_token_ids | set(p.stop_token_ids)) else self.tokenizer.decode(new_ids[:-1])
                 # stop strings: cut the text at the first occurrence, never emit it
-                full = text + new_text
-                for s in p.stop:
-                    at = full.find(s)
-                    if at != -1:
-                        full, reason = full[:at], "stop"
-                new_text, text = full[len(text):], full
+                if p.stop:  # only then is the text so far kept (a long stream would copy it every chunk)
+                    full = text + new_text
+                    for s in p.stop:
+                        at = full.find(s)
+                        if at != -1:
+                            full, reason = full[:at], "stop"
+                    new_text, text = full[len(text):], full
                 lps = None
                 if p.logprobs is not None:
                     lps = [TokenLogprob(t, -0.1 * (1 + t % 7),

@@ -35,9 +35,9 @@ class Generation:
     `aclose()` aborts whatever is unfinished.
 
     One pump task per engine request moves its outputs into a shared queue as they arrive, so
-    the engine side never waits on the client. A client that stops reading (the response is
-    stuck in a send for SLOW_READER_SECONDS while more than `max_stream_buffer` outputs per choice
-    wait) makes the response fail and its engine requests abort, instead of letting outputs pile
+    the engine side never waits on the client. A client that stops reading (more than
+    `max_stream_buffer` outputs per choice wait, and the consumer, stuck in a send, asks for none of
+    them within SLOW_READER_SECONDS) makes the response fail and its engine requests abort, instead of letting outputs pile
     up in server memory. A consumer that keeps reading but formats slower than a tiny model
     generates is not a slow reader: its backlog is bounded by max_tokens. Admission checks run
     first, in order: shutting down (503), too many choices (400), the gateway's in-flight bound
@@ -61,7 +61,7 @@ class Generation:
         self._acquired = False
         self._waiting = 0
         self._quota = False
-        self._taken_at = time.monotonic()  # when the consumer last asked for an output
+        self._taken = asyncio.Event()  # set whenever the consumer asks for an output
 
     def _admit(self) -> None:
         ctx, settings, n = self.ctx, self.ctx.settings, len(self.requests)
@@ -96,7 +96,7 @@ class Generation:
                 self._watch = asyncio.create_task(self._watch_disconnect(self.record.receive))
             pending = set(range(n))
             while pending:
-                self._taken_at = time.monotonic()
+                self._taken.set()
                 i, item = await self._queue.get()
                 if item is _FAILED:
                     raise self._failure
@@ -128,7 +128,7 @@ class Generation:
         try:
             async for out in self._agens[i]:
                 self._queue.put_nowait((i, out))
-                if self._queue.qsize() > limit and time.monotonic() - self._taken_at > SLOW_READER_SECONDS:
+                if self._queue.qsize() > limit and not await self._consumer_takes_within(SLOW_READER_SECONDS):
                     self.fail(APIError(408, "the client is not reading the response fast enough; the request "
                                        "was aborted", "invalid_request_error", None, "client_too_slow"))
                     await self._agens[i].aclose()  # aborts this choice's engine request now
@@ -138,6 +138,18 @@ class Generation:
             raise
         except Exception as exc:  # noqa: BLE001 - handed to the consumer
             self._queue.put_nowait((i, exc))
+
+    async def _consumer_takes_within(self, seconds: float) -> bool:
+        """Past the buffer bound, wait (this choice's pump pauses) until the consumer asks for its
+        next output. The clock starts here, with the event loop running, not at the consumer's last
+        ask: a loop that stalled (a loaded host, a long GC) delivers a step's backlog at once, and
+        that must not read as a client that stopped reading."""
+        self._taken.clear()
+        try:
+            await asyncio.wait_for(self._taken.wait(), seconds)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
     async def _watch_disconnect(self, receive) -> None:
         """Fail the generation as soon as the client disconnects (also while it is still waiting for
@@ -163,7 +175,7 @@ class Generation:
         done = [False] * len(self.requests)
         early, self._early = self._early, []
         while not all(done):
-            self._taken_at = time.monotonic()
+            self._taken.set()
             i, item = early.pop(0) if early else await self._queue.get()
             if item is _FAILED:
                 raise self._failure
