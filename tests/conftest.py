@@ -31,3 +31,19 @@ def checkpoints(tmp_path_factory, tokenizer_dir):
         return cache[key]
 
     return get
+
+
+@pytest.fixture(params=["native", "avx2", "portable"])
+def isa_target(request, monkeypatch):
+    """Runs a native-kernel test once per build path this host can execute: the default native
+    build (-march=native: AVX-512 where the CPU has it), the AVX2 path and the portable one."""
+    from loragate.engine import host
+    from loragate.kernels import native
+
+    target = request.param
+    if native.compiler() is None:
+        pytest.skip("no C++ compiler on this host")
+    if target == "avx2" and not host.detect().features.avx2:
+        pytest.skip("this CPU cannot run the AVX2 path")
+    monkeypatch.setenv(native.ISA_ENV, target)
+    return target
