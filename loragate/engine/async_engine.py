@@ -46,6 +46,8 @@ class AsyncEngine:
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.model_name = config.served_model_name or Path(config.model).name
+        # device, compute dtype and why, CPU abilities and kernel path (shown by /health)
+        self.host_info: dict[str, object] = dict(getattr(self.engine, "host_info", {}))
         self._cmds: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}

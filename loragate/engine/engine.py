@@ -7,11 +7,13 @@ on the adapter cache's loader thread, which only touches slots no running reques
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 import torch
 
+from loragate.engine import host
 from loragate.engine.adapters.cache import AdapterCache
 from loragate.engine.adapters.peft_loader import BaseModelInfo
 from loragate.engine.adapters.registry import AdapterRegistry
@@ -24,7 +26,7 @@ from loragate.engine.inputs import build_forward_batch
 from loragate.engine.kv_cache import KVCache, KVCacheSpec, kv_budget_bytes
 from loragate.engine.model.config import ModelConfig
 from loragate.engine.model.llama import LlamaModel
-from loragate.engine.model.loader import fused_weights, read_tensors, resolve_dtype
+from loragate.engine.model.loader import checkpoint_dtype, fused_weights, read_tensors
 from loragate.engine.model.lora import LoraWeights
 from loragate.engine.outputs import EngineRequest, EngineStats, RequestOutput, TokenLogprob
 from loragate.engine.sampler import Sampler, SampleRow, make_generator
@@ -32,6 +34,9 @@ from loragate.engine.scheduler import Scheduler
 from loragate.engine.sequence import Sequence, SeqState
 from loragate.engine.tokenizer import Tokenizer
 from loragate.kernels import native
+
+log = logging.getLogger("loragate.engine")
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -53,7 +58,11 @@ class Engine:
             native.load_all()  # build (or find) the native CPU kernels now, not in the first step
         self.model_config = ModelConfig.from_dir(path)
         mc = self.model_config
-        self.dtype = resolve_dtype(config.dtype, mc, self.device)
+        self.dtype_choice = host.choose_dtype(config.dtype, checkpoint_dtype(mc), self.device.type,
+                                              host.detect().features)
+        self.dtype = self.dtype_choice.dtype
+        self.host_info = host.summary(self.dtype_choice, self.device.type)  # for /health
+        log.info("%s", host.summary_line(self.host_info))
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         weights = fused_weights(mc, read_tensors(path), self.device, self.dtype)
         self.model = LlamaModel(mc, weights, self.device, self.dtype, max_positions=max(self.max_model_len, mc.max_position_embeddings))
