@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -32,16 +31,15 @@ def build_tokenizer_cached() -> Path:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """The header every bench script prints: CPU model, its vector extensions (AVX2, AVX-512,
+    AVX-512 BF16, AMX: what decides the fast dtype and the native kernels' path), cores, torch,
+    GPU. Results from hosts that differ here are not comparable."""
+    from loragate.engine import host
+
+    info = host.detect()
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {dev}"
+    return (f"{info.cpu_model} [{info.features.extensions()}], {info.cores} cores, torch {torch.__version__} "
+            f"(ATen {info.torch_capability}), {dev}")
 
 
 def timeit(fn, iters: int, warmup: int = 2, sync=None) -> float:
