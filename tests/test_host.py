@@ -85,11 +85,13 @@ def test_real_cpuinfo_lines(text, model, bf16, isa, extensions):
     assert choose_dtype("auto", torch.bfloat16, "cpu", f).dtype == (torch.bfloat16 if bf16 else torch.float32)
 
 
-def test_an_avx2_host_serves_a_bf16_checkpoint_in_float32(checkpoints, monkeypatch):
+def test_an_avx2_host_serves_a_bf16_checkpoint_in_float32(checkpoints, monkeypatch, tmp_path):
     """The issue's host: a bf16 checkpoint at --dtype auto on a CPU without native bf16 runs in
-    float32, says why, and its LoRA buffers are float32 too; an explicit --dtype still wins."""
+    float32, says why, and its adapters are float32 too; an explicit --dtype still wins."""
+    from loragate.engine.adapters.peft_loader import load_peft_adapter
     from loragate.engine.config import EngineConfig
     from loragate.engine.engine import Engine
+    from loragate.testing import build_adapter
 
     flags, _ = parse_cpuinfo(ZEN2)
     monkeypatch.setattr(host, "detect", lambda: host.HostInfo("AMD EPYC 7B12", "x86_64", 2,
@@ -99,7 +101,13 @@ def test_an_avx2_host_serves_a_bf16_checkpoint_in_float32(checkpoints, monkeypat
                                  max_lora_rank=8))
     assert engine.dtype == torch.float32
     assert engine.model.embed.dtype == torch.float32
-    assert engine.lora.A[0]["qkv"].dtype == torch.float32
+    # a bf16 adapter is converted once, when read: the CPU tier and the slots hold float32, so no
+    # step converts it again (the native LoRA kernel refuses mixed dtypes outright)
+    adapter = build_adapter(base, tmp_path / "ad", rank=4, targets=("q_proj", "down_proj"), dtype="bfloat16")
+    loaded = load_peft_adapter(adapter, "ad", engine.base_info, max_rank=8)
+    assert {t.dtype for pair in loaded.weights.values() for t in pair} == {torch.float32}
+    engine.lora.write_slot(0, loaded.weights, loaded.rank, loaded.scale)
+    assert {t.dtype for layer in engine.lora.A + engine.lora.B for t in layer.values()} == {torch.float32}
     assert engine.host_info["dtype"] == "float32" and "no native bf16" in engine.host_info["dtype_reason"]
     assert "compute dtype float32" in host.summary_line(engine.host_info)
     explicit = Engine(EngineConfig(model=str(base), device="cpu", dtype="bfloat16", kv_cache_memory=4 << 20,
