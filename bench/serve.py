@@ -2,7 +2,8 @@
 SDK's AsyncOpenAI), beside the in-process engine on the same workload.
 
 One run, one machine, the random SmolLM-135M-shaped bf16 fixture (bench/common.py; its tokenizer
-names all 49152 ids, so every token streams a chunk of text) and random rank-8 q/v adapters, at the server's default flags (--dtype auto, --max-loras 16, ...). Workloads:
+names all 49152 ids, so every token streams a chunk of text) and random rank-8 q/v adapters, at
+the server's default flags (--dtype auto, --max-loras 16, ...). Workloads:
   base  every request on the base model
   1     every request on one adapter
   200   requests round-robin over 200 adapters (more than --max-loras: slots turn over)
@@ -11,8 +12,12 @@ tokens, greedy, ignore_eos) when the previous one ends. For each: output tokens/
 token and inter-token latency percentiles (ms, as the client sees chunks arrive), and the
 in-process engine's tokens/s on the same requests at the same concurrency (`Engine.step()` in a
 loop, built from the same flags, the server idle meanwhile): served / in-process shows what HTTP,
-SSE and the event loop cost. Each cell runs --rounds times, served and in-process interleaved;
-medians are reported (a shared VM's speed drifts by tens of percent within minutes).
+SSE and the event loop cost. Also the CPU time per output token of the server process (and of its
+main thread, uvicorn's event loop: the gateway), of the in-process engine and of the client (Linux
+/proc): CPU time hardly moves with other load on the host, so server minus in-process CPU is the
+HTTP layer's cost even where the wall-clock ratio is noise. Each cell runs --rounds times, served
+and in-process interleaved; medians are reported (a shared VM's speed drifts by tens of percent
+within minutes).
 Then: single-request latency on the base and on an adapter (70-token prompt, 10 new tokens,
 requests alternating), and with --compare-dtypes the base workload at the largest stream count on
 a server of each named dtype, beside --dtype auto.
@@ -279,6 +284,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({r["streams"] for r in rows}), [str(s) for s in sorted({r["streams"] for r in rows})])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel("concurrent streams")
         ax.grid(alpha=0.3)
     ax1.set_ylabel("output tokens / s")
@@ -389,7 +395,8 @@ def main() -> None:
                 r["vs_base"] = r["served_tok_s"] / base_rows[r["streams"]]["served_tok_s"]
         if base_rows:
             print("served throughput vs base-only: " + ", ".join(
-                f"{r['workload']} adapters @ {r['streams']} streams {r['vs_base']:.2f}" for r in rows if "vs_base" in r))
+                f"{r['workload']} adapters @ {r['streams']} streams {r['vs_base']:.2f}"
+                for r in rows if "vs_base" in r))
 
         # (b) single-request latency, base vs adapter, alternating
         adapter = "adapter-0000"
