@@ -7,9 +7,10 @@ the server's default flags (--dtype auto, --max-loras 16, ...). Workloads:
   base  every request on the base model
   1     every request on one adapter
   200   requests round-robin over 200 adapters (more than --max-loras: slots turn over)
-at 1, 8 and 32 concurrent streams. A stream sends its next request (a 70-token prompt, 64 new
-tokens, greedy, ignore_eos) when the previous one ends. For each: output tokens/s, time to first
-token and inter-token latency percentiles (ms, as the client sees chunks arrive), and the
+at 1, 8 and 32 concurrent streams. A stream sends its next request (a 70-token prompt, 32 to 95
+new tokens, 64 on average, greedy, ignore_eos) when the previous one ends. For each: output
+tokens/s, time to first token (of the requests after each stream's first: those all start at once)
+and inter-token latency percentiles (ms, as the client sees chunks arrive), and the
 in-process engine's tokens/s on the same requests at the same concurrency (`Engine.step()` in a
 loop, built from the same flags, the server idle meanwhile): served / in-process shows what HTTP,
 SSE and the event loop cost. Also the CPU time per output token of the server process (and of its
@@ -65,7 +66,8 @@ class Run:
 
     tokens: int = 0
     seconds: float = 0.0
-    ttft: list[float] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)  # requests after each stream's first
+    ttft_first: list[float] = field(default_factory=list)  # the streams' first requests: a burst at t=0
     itl: list[float] = field(default_factory=list)
     cpu: float | None = None  # server process (served) or this process (in-process)
     loop_cpu: float | None = None  # the server's main thread: uvicorn's event loop, the gateway
@@ -79,11 +81,15 @@ class Run:
     def tok_s(self) -> float:
         return self.tokens / self.seconds
 
-    def add(self, start: float, arrivals: list[float], tokens: int) -> None:
+    def add(self, start: float, arrivals: list[float], tokens: int, first: bool) -> None:
         self.tokens += tokens
         if arrivals:
-            self.ttft.append(arrivals[0] - start)
+            (self.ttft_first if first else self.ttft).append(arrivals[0] - start)
             self.itl.extend(b - a for a, b in zip(arrivals, arrivals[1:]))
+
+    def ttfts(self) -> list[float]:
+        """Time to first token of the requests sent in steady state (all, with one per stream)."""
+        return self.ttft or self.ttft_first
 
 
 def _median(values) -> float | None:
@@ -97,6 +103,13 @@ def _f(value: float | None, width: int, digits: int = 0) -> str:
 
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1e3 if values else float("nan")
+
+
+def lengths(n_requests: int) -> list[int]:
+    """New tokens per request: NEW on average, spread over [NEW/2, 3*NEW/2) so that the streams,
+    which all start at once, fall out of step after their first request instead of sending every
+    later request in synchronised waves."""
+    return [int(NEW * (0.5 + (i * 0.6180339887) % 1.0)) for i in range(n_requests)]
 
 
 def models_for(workload: str, n_requests: int) -> list[str | None]:
@@ -189,16 +202,18 @@ async def _stream_one(client, model: str, prompt: list[int], max_tokens: int) ->
     return start, arrivals, tokens
 
 
-async def _served(url: str, requests: list[tuple[str, list[int]]], streams: int, max_tokens: int) -> Run:
+async def _served(url: str, requests: list[tuple], streams: int, max_tokens: int) -> Run:
     from openai import AsyncOpenAI
 
     run = Run()
-    todo = list(enumerate(requests))
+    todo = list(requests)
     async with AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600) as client:
         async def worker() -> None:
+            first = True
             while todo:
-                _, (model, prompt) = todo.pop(0)
-                run.add(*await _stream_one(client, model, prompt, max_tokens))
+                model, prompt, *n = todo.pop(0)
+                run.add(*await _stream_one(client, model, prompt, n[0] if n else max_tokens), first)
+                first = False
 
         t = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(streams)))
@@ -206,7 +221,7 @@ async def _served(url: str, requests: list[tuple[str, list[int]]], streams: int,
     return run
 
 
-def served(url: str, requests: list[tuple[str, list[int]]], streams: int, max_tokens: int = NEW,
+def served(url: str, requests: list[tuple], streams: int, max_tokens: int = NEW,
            server_pid: int | None = None) -> Run:
     before = process_cpu(server_pid) if server_pid else None
     client = time.process_time()
@@ -219,7 +234,7 @@ def served(url: str, requests: list[tuple[str, list[int]]], streams: int, max_to
 
 
 # ---- the same requests in process ------------------------------------------------------------
-def in_process(engine, requests: list[tuple[str | None, list[int]]], streams: int, max_tokens: int = NEW) -> Run:
+def in_process(engine, requests: list[tuple], streams: int, max_tokens: int = NEW) -> Run:
     """The closed loop of `served`, on an Engine stepped directly: a stream's next request is
     added as soon as its previous one finishes. Stepped on a thread of its own, as the server's
     AsyncEngine steps it: libgomp spins far longer at its barriers when the process's main thread
@@ -230,21 +245,23 @@ def in_process(engine, requests: list[tuple[str | None, list[int]]], streams: in
         return pool.submit(_in_process, engine, requests, streams, max_tokens).result()
 
 
-def _in_process(engine, requests: list[tuple[str | None, list[int]]], streams: int, max_tokens: int) -> Run:
+def _in_process(engine, requests: list[tuple], streams: int, max_tokens: int) -> Run:
     from loragate.engine.outputs import EngineRequest
     from loragate.engine.sampling_params import SamplingParams
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     run = Run()
     todo = list(requests)
-    live: dict[str, tuple[float, list[float]]] = {}
+    live: dict[str, tuple[float, list[float], bool]] = {}
+    started = 0
     cpu = time.process_time()  # the whole process: the engine is all that runs meanwhile
     t = time.perf_counter()
     while todo or live:
         while todo and len(live) < streams:
-            adapter, prompt = todo.pop(0)
+            adapter, prompt, *n = todo.pop(0)
             rid = uuid.uuid4().hex
-            live[rid] = (time.perf_counter(), [])
+            live[rid] = (time.perf_counter(), [], started < streams)
+            started += 1
+            params = SamplingParams(max_tokens=n[0] if n else max_tokens, temperature=0.0, ignore_eos=True)
             engine.add_request(EngineRequest(rid, prompt, params, adapter=adapter))
         outs = engine.step()
         now = time.perf_counter()
@@ -256,8 +273,8 @@ def _in_process(engine, requests: list[tuple[str | None, list[int]]], streams: i
             if out.finished:
                 if out.finish_reason not in ("length", "stop"):
                     raise RuntimeError(out.error or out.finish_reason)
-                start, arrivals = live.pop(out.request_id)
-                run.add(start, arrivals, out.completion_tokens)
+                start, arrivals, first = live.pop(out.request_id)
+                run.add(start, arrivals, out.completion_tokens, first)
     run.seconds = time.perf_counter() - t
     run.cpu = time.process_time() - cpu
     return run
@@ -308,7 +325,7 @@ def main() -> None:
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--workloads", nargs="+", default=[BASE_NAME, "1", "200"],
                     help="'base' or a number of adapters the requests go round-robin over")
-    ap.add_argument("--requests-per-stream", type=int, default=2)
+    ap.add_argument("--requests-per-stream", type=int, default=3)
     ap.add_argument("--min-requests", type=int, default=4, help="at least this many requests per cell")
     ap.add_argument("--rounds", type=int, default=1, help="served and in-process, interleaved, this many times")
     ap.add_argument("--latency-samples", type=int, default=8, help="single requests on base and adapter each")
@@ -347,7 +364,8 @@ def main() -> None:
     vocab = 49152
     rows: list[dict] = []
     try:
-        print(f"\n(a) {PROMPT}-token prompts, {NEW} new tokens each, closed loop per stream; served vs in-process "
+        print(f"\n(a) {PROMPT}-token prompts, {NEW // 2}-{NEW * 3 // 2 - 1} new tokens ({NEW} on average), closed loop "
+              "per stream; TTFT of the requests after each stream's first; served vs in-process "
               f"(median of {args.rounds} interleaved round(s)); latencies in ms as the client sees them")
         print(f"{'workload':>8} {'streams':>7} {'served tok/s':>12} {'in-proc tok/s':>13} {'served/in':>9} "
               f"{'TTFT p50':>8} {'p90':>7} {'p99':>7} {'ITL p50':>7} {'p90':>6} {'p99':>6}  "
@@ -359,21 +377,22 @@ def main() -> None:
                 in_process(engine, warm, min(32, len(warm)), max_tokens=2)
             for s in args.streams:
                 n = max(args.min_requests, s * args.requests_per_stream)
-                reqs = [(m, prompt_ids(vocab, 1000 + i)) for i, m in enumerate(models_for(wl, n))]
+                reqs = [(m, prompt_ids(vocab, 1000 + i), k) for i, (m, k) in enumerate(zip(models_for(wl, n),
+                                                                                        lengths(n)))]
                 sv, ip = [], []
                 for _ in range(args.rounds):
-                    sv.append(served(server.url, [(m or BASE_NAME, p) for m, p in reqs], s,
+                    sv.append(served(server.url, [(m or BASE_NAME, p, k) for m, p, k in reqs], s,
                                      server_pid=server.proc.pid))
                     if engine is not None:
                         ip.append(in_process(engine, reqs, s))
-                ttft = [x for r in sv for x in r.ttft]
+                ttft = [x for r in sv for x in r.ttfts()]
                 itl = [x for r in sv for x in r.itl]
                 row = dict(workload=wl, streams=s, requests=n,
                            served_tok_s=statistics.median(r.tok_s for r in sv),
                            inproc_tok_s=statistics.median(r.tok_s for r in ip) if ip else None,
                            ttft_p50_ms=pct(ttft, 50), ttft_p90_ms=pct(ttft, 90), ttft_p99_ms=pct(ttft, 99),
                            itl_p50_ms=pct(itl, 50), itl_p90_ms=pct(itl, 90), itl_p99_ms=pct(itl, 99),
-                           inproc_ttft_p50_ms=pct([x for r in ip for x in r.ttft], 50) if ip else None,
+                           inproc_ttft_p50_ms=pct([x for r in ip for x in r.ttfts()], 50) if ip else None,
                            inproc_itl_p50_ms=pct([x for r in ip for x in r.itl], 50) if ip else None,
                            per_round_served_over_inproc=[a.tok_s / b.tok_s for a, b in zip(sv, ip)],
                            server_cpu_us_tok=_median(r.cpu_us_per_token() for r in sv),
@@ -393,7 +412,7 @@ def main() -> None:
         for r in rows:
             if r["workload"] != BASE_NAME and r["streams"] in base_rows:
                 r["vs_base"] = r["served_tok_s"] / base_rows[r["streams"]]["served_tok_s"]
-        if base_rows:
+        if any("vs_base" in r for r in rows):
             print("served throughput vs base-only: " + ", ".join(
                 f"{r['workload']} adapters @ {r['streams']} streams {r['vs_base']:.2f}"
                 for r in rows if "vs_base" in r))
@@ -423,7 +442,7 @@ def main() -> None:
     if args.compare_dtypes:
         s = max(args.streams)
         n = max(args.min_requests, s * args.requests_per_stream)
-        reqs = [(BASE_NAME, prompt_ids(vocab, 1000 + i)) for i in range(n)]
+        reqs = [(BASE_NAME, prompt_ids(vocab, 1000 + i), k) for i, k in enumerate(lengths(n))]
         servers = {d: Server([*serve_argv, "--dtype", d], logs / f"server-{d}.log")
                    for d in [args.dtype, *args.compare_dtypes]}
         try:
@@ -450,7 +469,7 @@ def main() -> None:
             json.dump(dict(machine=machine(), health=h, rows=rows, latency=latency, dtypes=dtypes), f, indent=2)
     if args.plot:
         plot(rows, Path(args.plot), f"loragate serve, SmolLM-135M-shaped model, {h.get('dtype')}, "
-             f"{PROMPT}-token prompts + {NEW} new tokens, rank-8 adapters, default flags\n{machine()}")
+             f"{PROMPT}-token prompts + {NEW} new tokens on average, rank-8 adapters, default flags\n{machine()}")
 
 
 if __name__ == "__main__":
