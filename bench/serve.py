@@ -9,14 +9,17 @@ the server's default flags (--dtype auto, --max-loras 16, ...). Workloads:
   200   requests round-robin over 200 adapters (more than --max-loras: slots turn over)
 at 1, 8 and 32 concurrent streams. A stream sends its next request (a 70-token prompt, 32 to 95
 new tokens, 64 on average, greedy, ignore_eos) when the previous one ends. For each: output
-tokens/s, time to first token (of the requests after each stream's first: those all start at once)
-and inter-token latency percentiles (ms, as the client sees chunks arrive), and the
-in-process engine's tokens/s on the same requests at the same concurrency (`Engine.step()` in a
-loop, built from the same flags, the server idle meanwhile): served / in-process shows what HTTP,
-SSE and the event loop cost. Also the CPU time per output token of the server process (and of its
-main thread, uvicorn's event loop: the gateway), of the in-process engine and of the client (Linux
-/proc): CPU time hardly moves with other load on the host, so server minus in-process CPU is the
-HTTP layer's cost even where the wall-clock ratio is noise. Each cell runs --rounds times, served
+tokens/s in steady state (from every stream's first token to the first stream running out of
+requests: the connection burst at the start and the stragglers at the end left out, for the
+in-process engine alike; --json also has the whole-run figures), time to first token (of the
+requests after each stream's first: those all start at once) and inter-token latency percentiles
+(ms, as the client sees chunks arrive), and the in-process engine's tokens/s on the same requests
+at the same concurrency (`Engine.step()` in a loop, built from the same flags, the server idle
+meanwhile): served / in-process shows what HTTP, SSE and the event loop cost. Also the CPU time per
+output token of the server process (and of its main thread, uvicorn's event loop: the gateway), of
+the in-process engine and of the client (Linux /proc): CPU time hardly moves with other load on
+the host, so server over in-process CPU is the HTTP layer's cost even where the wall-clock ratio
+is noise (on a busy 2-core VM it swung from 0.5 to 1.5 between runs). Each cell runs --rounds times, served
 and in-process interleaved; medians are reported (a shared VM's speed drifts by tens of percent
 within minutes).
 Then: single-request latency on the base and on an adapter (70-token prompt, 10 new tokens,
@@ -69,6 +72,9 @@ class Run:
     ttft: list[float] = field(default_factory=list)  # requests after each stream's first
     ttft_first: list[float] = field(default_factory=list)  # the streams' first requests: a burst at t=0
     itl: list[float] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)  # every token's arrival
+    stream_first: list[float] = field(default_factory=list)  # each stream's first token
+    stream_done: list[float] = field(default_factory=list)  # when each stream ran out of requests
     cpu: float | None = None  # server process (served) or this process (in-process)
     loop_cpu: float | None = None  # the server's main thread: uvicorn's event loop, the gateway
     client_cpu: float | None = None
@@ -79,13 +85,28 @@ class Run:
 
     @property
     def tok_s(self) -> float:
+        """Output tokens/s in steady state: from the moment every stream has its first token to
+        the moment the first stream runs out of requests (the whole run where that window is
+        empty). The ramp at the start (every stream connecting and prefilling at once) and the
+        tail at the end (the last few requests alone) are left out alike for both paths."""
+        if self.stream_first and self.stream_done:
+            t0, t1 = max(self.stream_first), min(self.stream_done)
+            if t1 > t0:
+                return sum(t0 <= a <= t1 for a in self.arrivals) / (t1 - t0)
+        return self.total_tok_s
+
+    @property
+    def total_tok_s(self) -> float:
         return self.tokens / self.seconds
 
     def add(self, start: float, arrivals: list[float], tokens: int, first: bool) -> None:
         self.tokens += tokens
+        self.arrivals.extend(arrivals)
         if arrivals:
             (self.ttft_first if first else self.ttft).append(arrivals[0] - start)
             self.itl.extend(b - a for a, b in zip(arrivals, arrivals[1:]))
+            if first:
+                self.stream_first.append(arrivals[0])
 
     def ttfts(self) -> list[float]:
         """Time to first token of the requests sent in steady state (all, with one per stream)."""
@@ -214,6 +235,7 @@ async def _served(url: str, requests: list[tuple], streams: int, max_tokens: int
                 model, prompt, *n = todo.pop(0)
                 run.add(*await _stream_one(client, model, prompt, n[0] if n else max_tokens), first)
                 first = False
+            run.stream_done.append(time.perf_counter())
 
         t = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(streams)))
@@ -275,6 +297,8 @@ def _in_process(engine, requests: list[tuple], streams: int, max_tokens: int) ->
                     raise RuntimeError(out.error or out.finish_reason)
                 start, arrivals, first = live.pop(out.request_id)
                 run.add(start, arrivals, out.completion_tokens, first)
+                if not todo:  # this stream has no request left
+                    run.stream_done.append(now)
     run.seconds = time.perf_counter() - t
     run.cpu = time.process_time() - cpu
     return run
@@ -365,11 +389,11 @@ def main() -> None:
     rows: list[dict] = []
     try:
         print(f"\n(a) {PROMPT}-token prompts, {NEW // 2}-{NEW * 3 // 2 - 1} new tokens ({NEW} on average), closed loop "
-              "per stream; TTFT of the requests after each stream's first; served vs in-process "
-              f"(median of {args.rounds} interleaved round(s)); latencies in ms as the client sees them")
+              "per stream; tok/s in steady state; TTFT of the requests after each stream's first; served vs "
+              f"in-process (median of {args.rounds} interleaved round(s)); latencies in ms as the client sees them")
         print(f"{'workload':>8} {'streams':>7} {'served tok/s':>12} {'in-proc tok/s':>13} {'served/in':>9} "
               f"{'TTFT p50':>8} {'p90':>7} {'p99':>7} {'ITL p50':>7} {'p90':>6} {'p99':>6}  "
-              f"CPU us/token: {'server':>6} {'(loop)':>6} {'in-proc':>7} {'client':>6}")
+              f"CPU us/token: {'server':>6} {'(loop)':>6} {'in-proc':>7} {'client':>6} {'server/in':>9}")
         for wl in args.workloads:
             warm = [(m, prompt_ids(vocab, 10_000 + i)) for i, m in enumerate(dict.fromkeys(models_for(wl, n_adapters)))]
             served(server.url, [(m or BASE_NAME, p) for m, p in warm], min(32, len(warm)), max_tokens=2)
@@ -389,7 +413,9 @@ def main() -> None:
                 itl = [x for r in sv for x in r.itl]
                 row = dict(workload=wl, streams=s, requests=n,
                            served_tok_s=statistics.median(r.tok_s for r in sv),
+                           served_total_tok_s=statistics.median(r.total_tok_s for r in sv),
                            inproc_tok_s=statistics.median(r.tok_s for r in ip) if ip else None,
+                           inproc_total_tok_s=statistics.median(r.total_tok_s for r in ip) if ip else None,
                            ttft_p50_ms=pct(ttft, 50), ttft_p90_ms=pct(ttft, 90), ttft_p99_ms=pct(ttft, 99),
                            itl_p50_ms=pct(itl, 50), itl_p90_ms=pct(itl, 90), itl_p99_ms=pct(itl, 99),
                            inproc_ttft_p50_ms=pct([x for r in ip for x in r.ttfts()], 50) if ip else None,
@@ -399,6 +425,8 @@ def main() -> None:
                            loop_cpu_us_tok=_median(r.cpu_us_per_token("loop_cpu") for r in sv),
                            client_cpu_us_tok=_median(r.cpu_us_per_token("client_cpu") for r in sv),
                            inproc_cpu_us_tok=_median(r.cpu_us_per_token() for r in ip))
+                row["server_over_inproc_cpu"] = (row["server_cpu_us_tok"] / row["inproc_cpu_us_tok"]
+                                                 if row["server_cpu_us_tok"] and row["inproc_cpu_us_tok"] else None)
                 rows.append(row)
                 ratio = statistics.median(row["per_round_served_over_inproc"]) if ip else None
                 ips = _f(row["inproc_tok_s"], 13, 1)
@@ -407,7 +435,7 @@ def main() -> None:
                       f"{row['ttft_p90_ms']:7.1f} {row['ttft_p99_ms']:7.1f} {row['itl_p50_ms']:7.1f} "
                       f"{row['itl_p90_ms']:6.1f} {row['itl_p99_ms']:6.1f}  {'':13} {_f(row['server_cpu_us_tok'], 6)} "
                       f"{_f(row['loop_cpu_us_tok'], 6)} {_f(row['inproc_cpu_us_tok'], 7)} "
-                      f"{_f(row['client_cpu_us_tok'], 6)}", flush=True)
+                      f"{_f(row['client_cpu_us_tok'], 6)} {_f(row['server_over_inproc_cpu'], 9, 2)}", flush=True)
         base_rows = {r["streams"]: r for r in rows if r["workload"] == BASE_NAME}
         for r in rows:
             if r["workload"] != BASE_NAME and r["streams"] in base_rows:
