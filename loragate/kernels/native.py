@@ -77,6 +77,7 @@ _builds: dict[tuple[str, str], NativeBuild] = {}
 _lock = threading.Lock()
 _name_locks: dict[str, threading.Lock] = {}
 _functions: dict[tuple[str, str, str], ctypes._CFuncPtr] = {}
+_disabled: dict[str, str] = {}  # library -> why it is switched off (every target)
 
 
 def target() -> str:
@@ -212,6 +213,8 @@ def load(name: str, isa_target: str | None = None) -> NativeBuild:
     with _lock:
         name_lock = _name_locks.setdefault(name, threading.Lock())
     with name_lock:  # one build per library at a time; different libraries build side by side
+        if name in _disabled:
+            return NativeBuild(None, None, f"disabled: {_disabled[name]}", isa_target)
         build = _builds.get((name, isa_target))
         if build is None:
             build = _builds[(name, isa_target)] = _build(name, isa_target)
@@ -239,6 +242,22 @@ def forget(name: str) -> None:
             del _builds[key]
         for key in [k for k in _functions if k[0] == name]:
             del _functions[key]
+
+
+def disable(name: str, reason: str) -> None:
+    """Treat library `name` as unavailable (every op takes its torch path) until `enable`: the
+    engine's start-up self-check found it wrong, or the server runs with `--lora-kernels torch`."""
+    forget(name)
+    with _lock:
+        _disabled[name] = reason
+
+
+def enable(name: str) -> None:
+    """Undo `disable` (the next `load` finds the built library again)."""
+    with _lock:
+        was = _disabled.pop(name, None) is not None
+    if was:
+        forget(name)
 
 
 def use_native(tensor: torch.Tensor, name: str) -> bool:
