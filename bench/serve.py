@@ -3,10 +3,13 @@ SDK's AsyncOpenAI), beside the in-process engine on the same workload.
 
 One run, one machine, the random SmolLM-135M-shaped bf16 fixture (bench/common.py; its tokenizer
 names all 49152 ids, so every token streams a chunk of text) and random rank-8 q/v adapters, at
-the server's default flags (--dtype auto, --max-loras 16, ...). Workloads:
+the server's default flags (--dtype auto, --max-loras auto, prefix caching on, ...). Workloads:
   base  every request on the base model
   1     every request on one adapter
-  200   requests round-robin over 200 adapters (more than --max-loras: slots turn over)
+  200   requests round-robin over 200 adapters (the header says how many slots --max-loras gave)
+Every prompt is random and sent once (served and in-process alike), so the prefix cache finds
+nothing to reuse and the figures are of full prefill + decode, not of cache hits; the hits counted
+over the run are printed at the end (expected 0).
 at 1, 8 and 32 concurrent streams. A stream sends its next request (a 70-token prompt, 32 to 95
 new tokens, 64 on average, greedy, ignore_eos) when the previous one ends. For each: output
 tokens/s in steady state (from every stream's first token to the first stream running out of
@@ -57,9 +60,31 @@ LAT_NEW = 10
 BASE_NAME = "base"
 
 
-def prompt_ids(vocab: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
+_prompt_seed = iter(range(1, 1 << 62))
+
+
+def prompt_ids(vocab: int) -> list[int]:
+    """A random prompt never sent before in this run. The server runs at its default flags, prefix
+    caching on: a prompt sent twice (a second round, the next stream count, the in-process engine
+    after the server) would skip its prefill, and decode throughput and TTFT would be inflated by
+    cache hits. Random prompts share no leading block, so every request prefills in full; the
+    prefix-cache hits are counted and printed to show it."""
+    g = torch.Generator().manual_seed(next(_prompt_seed))
     return torch.randint(10, vocab, (PROMPT,), generator=g).tolist()
+
+
+def served_prefix_hits(url: str) -> float | None:
+    """Prompt tokens the server found in its prefix cache so far (its /metrics), None if unknown."""
+    import httpx
+
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("loragate_prefix_cache_hits_total"):
+            return float(line.split()[-1])
+    return None
 
 
 @dataclass
@@ -375,16 +400,18 @@ def main() -> None:
 
     server = Server([*serve_argv, "--dtype", args.dtype], logs / "server.log")
     h = server.health
+    cfg = build_configs(build_parser().parse_args(["serve", *serve_argv, "--dtype", args.dtype])).engine
     print(f"# bench/serve.py  {time.strftime('%Y-%m-%d')}  {machine()}  threads={torch.get_num_threads()}")
     print(f"# server --dtype {args.dtype}: dtype {h.get('dtype')} ({h.get('dtype_reason')}); native CPU kernels "
-          f"{h.get('cpu_kernels')}; flags: {' '.join(args.serve_args.split()) or 'defaults'}")
+          f"{h.get('cpu_kernels')}; flags: {' '.join(args.serve_args.split()) or 'defaults'}; prefix caching "
+          f"{'on (every prompt is new: no hits expected)' if cfg.enable_prefix_caching else 'off'}")
     engine = None
     if not args.skip_in_process:
         from loragate.engine.engine import Engine
 
-        cfg = build_configs(build_parser().parse_args(["serve", *serve_argv, "--dtype", args.dtype])).engine
         engine = Engine(cfg)
         engine.start()
+        print(f"# in-process engine: {engine.slot_plan.describe() if engine.slot_plan else 'no LoRA'}")
     vocab = 49152
     rows: list[dict] = []
     try:
@@ -395,20 +422,19 @@ def main() -> None:
               f"{'TTFT p50':>8} {'p90':>7} {'p99':>7} {'ITL p50':>7} {'p90':>6} {'p99':>6}  "
               f"CPU us/token: {'server':>6} {'(loop)':>6} {'in-proc':>7} {'client':>6} {'server/in':>9}")
         for wl in args.workloads:
-            warm = [(m, prompt_ids(vocab, 10_000 + i)) for i, m in enumerate(dict.fromkeys(models_for(wl, n_adapters)))]
+            warm = [(m, prompt_ids(vocab)) for m in dict.fromkeys(models_for(wl, n_adapters))]
             served(server.url, [(m or BASE_NAME, p) for m, p in warm], min(32, len(warm)), max_tokens=2)
             if engine is not None:
                 in_process(engine, warm, min(32, len(warm)), max_tokens=2)
             for s in args.streams:
                 n = max(args.min_requests, s * args.requests_per_stream)
-                reqs = [(m, prompt_ids(vocab, 1000 + i), k) for i, (m, k) in enumerate(zip(models_for(wl, n),
-                                                                                        lengths(n)))]
+                shape = list(zip(models_for(wl, n), lengths(n)))  # the same requests on both paths, new prompts
                 sv, ip = [], []
                 for _ in range(args.rounds):
-                    sv.append(served(server.url, [(m or BASE_NAME, p, k) for m, p, k in reqs], s,
+                    sv.append(served(server.url, [(m or BASE_NAME, prompt_ids(vocab), k) for m, k in shape], s,
                                      server_pid=server.proc.pid))
                     if engine is not None:
-                        ip.append(in_process(engine, reqs, s))
+                        ip.append(in_process(engine, [(m, prompt_ids(vocab), k) for m, k in shape], s))
                 ttft = [x for r in sv for x in r.ttfts()]
                 itl = [x for r in sv for x in r.itl]
                 row = dict(workload=wl, streams=s, requests=n,
@@ -448,11 +474,11 @@ def main() -> None:
         # (b) single-request latency, base vs adapter, alternating
         adapter = "adapter-0000"
         lat: dict[str, list[float]] = {BASE_NAME: [], adapter: []}
-        served(server.url, [(adapter, prompt_ids(vocab, 1))], 1, max_tokens=2)  # resident before timing
+        served(server.url, [(adapter, prompt_ids(vocab))], 1, max_tokens=2)  # resident before timing
         for i in range(args.latency_samples):
             for model in (BASE_NAME, adapter):
                 t = time.perf_counter()
-                served(server.url, [(model, prompt_ids(vocab, 500 + i))], 1, max_tokens=LAT_NEW)
+                served(server.url, [(model, prompt_ids(vocab))], 1, max_tokens=LAT_NEW)
                 lat[model].append(time.perf_counter() - t)
         ratio = statistics.median(a / b for a, b in zip(lat[adapter], lat[BASE_NAME]))
         print(f"\n(b) one request at a time, {PROMPT}-token prompt + {LAT_NEW} new tokens, served "
@@ -461,6 +487,10 @@ def main() -> None:
               "(median of per-pair ratios)")
         latency = dict(base_ms=statistics.median(lat[BASE_NAME]) * 1e3,
                        adapter_ms=statistics.median(lat[adapter]) * 1e3, adapter_over_base=ratio)
+        hits = dict(served=served_prefix_hits(server.url),
+                    in_process=engine.kv.allocator.hits if engine is not None else None)
+        print(f"prefix-cache hits over the run (prompt tokens): served {hits['served']}, in-process "
+              f"{hits['in_process']}")
     finally:
         server.stop()
         if engine is not None:
@@ -470,16 +500,16 @@ def main() -> None:
     if args.compare_dtypes:
         s = max(args.streams)
         n = max(args.min_requests, s * args.requests_per_stream)
-        reqs = [(BASE_NAME, prompt_ids(vocab, 1000 + i), k) for i, k in enumerate(lengths(n))]
+        shape = lengths(n)
         servers = {d: Server([*serve_argv, "--dtype", d], logs / f"server-{d}.log")
                    for d in [args.dtype, *args.compare_dtypes]}
         try:
             runs: dict[str, list[float]] = {d: [] for d in servers}
             for d, srv in servers.items():  # warm-up
-                served(srv.url, reqs[:2], 2, max_tokens=2)
+                served(srv.url, [(BASE_NAME, prompt_ids(vocab))] * 2, 2, max_tokens=2)
             for _ in range(max(args.rounds, 1)):
                 for d, srv in servers.items():  # only one server busy at a time; the others idle
-                    runs[d].append(served(srv.url, reqs, s).tok_s)
+                    runs[d].append(served(srv.url, [(BASE_NAME, prompt_ids(vocab), k) for k in shape], s).tok_s)
         finally:
             for srv in servers.values():
                 srv.stop()
@@ -494,7 +524,8 @@ def main() -> None:
 
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(machine=machine(), health=h, rows=rows, latency=latency, dtypes=dtypes), f, indent=2)
+            json.dump(dict(machine=machine(), health=h, rows=rows, latency=latency, dtypes=dtypes,
+                           prefix_cache_hits=hits), f, indent=2)
     if args.plot:
         plot(rows, Path(args.plot), f"loragate serve, SmolLM-135M-shaped model, {h.get('dtype')}, "
              f"{PROMPT}-token prompts + {NEW} new tokens on average, rank-8 adapters, default flags\n{machine()}")
