@@ -122,8 +122,8 @@ def peft_throughput(base, adapters: list, spread: int, dtype: torch.dtype) -> fl
         for wave in range(REQUESTS // STREAMS):
             idx = range(wave * STREAMS, (wave + 1) * STREAMS)
             x = torch.tensor([prompt(vocab, 1000 + i) for i in idx])
-            kw = dict(max_new_tokens=NEW_TPUT, min_new_tokens=NEW_TPUT, do_sample=False, pad_token_id=0,
-                      eos_token_id=None)
+            kw = {"max_new_tokens": NEW_TPUT, "min_new_tokens": NEW_TPUT, "do_sample": False, "pad_token_id": 0,
+                      "eos_token_id": None}
             if names:
                 kw["adapter_names"] = [names[i % len(names)] for i in idx]
             out = model.generate(x, **kw)
@@ -143,7 +143,7 @@ def peft_latency(base, adapters: list, counts: list[int], samples: int, dtype: t
     loaded, out = 1, {}
     vocab = model.config.vocab_size
     rng = random.Random(0)
-    kw = dict(max_new_tokens=NEW_LAT, min_new_tokens=NEW_LAT, do_sample=False, pad_token_id=0, eos_token_id=None)
+    kw = {"max_new_tokens": NEW_LAT, "min_new_tokens": NEW_LAT, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
     for n in sorted(counts):
         t = time.perf_counter()
         for p in adapters[loaded:n]:

@@ -29,7 +29,6 @@ from loragate.engine.sampling_params import SamplingParams
 from loragate.kernels import native
 
 
-
 def alternate(engine: Engine, batch: int, steps: int, variants: tuple[str, ...]) -> dict[str, float]:
     """Median seconds per decode step of each variant ("torch", or a native build target), the
     variants taking turns step by step."""

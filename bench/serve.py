@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import socket
@@ -129,7 +130,7 @@ class Run:
         self.arrivals.extend(arrivals)
         if arrivals:
             (self.ttft_first if first else self.ttft).append(arrivals[0] - start)
-            self.itl.extend(b - a for a, b in zip(arrivals, arrivals[1:]))
+            self.itl.extend(b - a for a, b in itertools.pairwise(arrivals))
             if first:
                 self.stream_first.append(arrivals[0])
 
@@ -437,20 +438,20 @@ def main() -> None:
                         ip.append(in_process(engine, [(m, prompt_ids(vocab), k) for m, k in shape], s))
                 ttft = [x for r in sv for x in r.ttfts()]
                 itl = [x for r in sv for x in r.itl]
-                row = dict(workload=wl, streams=s, requests=n,
-                           served_tok_s=statistics.median(r.tok_s for r in sv),
-                           served_total_tok_s=statistics.median(r.total_tok_s for r in sv),
-                           inproc_tok_s=statistics.median(r.tok_s for r in ip) if ip else None,
-                           inproc_total_tok_s=statistics.median(r.total_tok_s for r in ip) if ip else None,
-                           ttft_p50_ms=pct(ttft, 50), ttft_p90_ms=pct(ttft, 90), ttft_p99_ms=pct(ttft, 99),
-                           itl_p50_ms=pct(itl, 50), itl_p90_ms=pct(itl, 90), itl_p99_ms=pct(itl, 99),
-                           inproc_ttft_p50_ms=pct([x for r in ip for x in r.ttfts()], 50) if ip else None,
-                           inproc_itl_p50_ms=pct([x for r in ip for x in r.itl], 50) if ip else None,
-                           per_round_served_over_inproc=[a.tok_s / b.tok_s for a, b in zip(sv, ip)],
-                           server_cpu_us_tok=_median(r.cpu_us_per_token() for r in sv),
-                           loop_cpu_us_tok=_median(r.cpu_us_per_token("loop_cpu") for r in sv),
-                           client_cpu_us_tok=_median(r.cpu_us_per_token("client_cpu") for r in sv),
-                           inproc_cpu_us_tok=_median(r.cpu_us_per_token() for r in ip))
+                row = {"workload": wl, "streams": s, "requests": n,
+                           "served_tok_s": statistics.median(r.tok_s for r in sv),
+                           "served_total_tok_s": statistics.median(r.total_tok_s for r in sv),
+                           "inproc_tok_s": statistics.median(r.tok_s for r in ip) if ip else None,
+                           "inproc_total_tok_s": statistics.median(r.total_tok_s for r in ip) if ip else None,
+                           "ttft_p50_ms": pct(ttft, 50), "ttft_p90_ms": pct(ttft, 90), "ttft_p99_ms": pct(ttft, 99),
+                           "itl_p50_ms": pct(itl, 50), "itl_p90_ms": pct(itl, 90), "itl_p99_ms": pct(itl, 99),
+                           "inproc_ttft_p50_ms": pct([x for r in ip for x in r.ttfts()], 50) if ip else None,
+                           "inproc_itl_p50_ms": pct([x for r in ip for x in r.itl], 50) if ip else None,
+                           "per_round_served_over_inproc": [a.tok_s / b.tok_s for a, b in zip(sv, ip)],
+                           "server_cpu_us_tok": _median(r.cpu_us_per_token() for r in sv),
+                           "loop_cpu_us_tok": _median(r.cpu_us_per_token("loop_cpu") for r in sv),
+                           "client_cpu_us_tok": _median(r.cpu_us_per_token("client_cpu") for r in sv),
+                           "inproc_cpu_us_tok": _median(r.cpu_us_per_token() for r in ip)}
                 row["server_over_inproc_cpu"] = (row["server_cpu_us_tok"] / row["inproc_cpu_us_tok"]
                                                  if row["server_cpu_us_tok"] and row["inproc_cpu_us_tok"] else None)
                 rows.append(row)
@@ -485,10 +486,10 @@ def main() -> None:
               f"({args.latency_samples} each, alternating): base {statistics.median(lat[BASE_NAME]) * 1e3:.1f} ms, "
               f"adapter {statistics.median(lat[adapter]) * 1e3:.1f} ms, adapter / base {ratio:.2f} "
               "(median of per-pair ratios)")
-        latency = dict(base_ms=statistics.median(lat[BASE_NAME]) * 1e3,
-                       adapter_ms=statistics.median(lat[adapter]) * 1e3, adapter_over_base=ratio)
-        hits = dict(served=served_prefix_hits(server.url),
-                    in_process=engine.kv.allocator.hits if engine is not None else None)
+        latency = {"base_ms": statistics.median(lat[BASE_NAME]) * 1e3,
+                       "adapter_ms": statistics.median(lat[adapter]) * 1e3, "adapter_over_base": ratio}
+        hits = {"served": served_prefix_hits(server.url),
+                    "in_process": engine.kv.allocator.hits if engine is not None else None}
         print(f"prefix-cache hits over the run (prompt tokens): served {hits['served']}, in-process "
               f"{hits['in_process']}")
     finally:
@@ -517,15 +518,15 @@ def main() -> None:
         print(f"\n(c) base model, {s} streams, served at each --dtype (median of {max(args.rounds, 1)} interleaved "
               "round(s)):")
         for d, srv in servers.items():
-            dtypes[d] = dict(tok_s=statistics.median(runs[d]), dtype=srv.health.get("dtype"))
+            dtypes[d] = {"tok_s": statistics.median(runs[d]), "dtype": srv.health.get("dtype")}
             print(f"  --dtype {d:9s} ({srv.health.get('dtype')}): {dtypes[d]['tok_s']:.1f} tok/s")
         print(f"  {args.dtype} / best explicit ({best}): "
               f"{statistics.median(runs[args.dtype]) / statistics.median(runs[best]):.2f}")
 
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(machine=machine(), health=h, rows=rows, latency=latency, dtypes=dtypes,
-                           prefix_cache_hits=hits), f, indent=2)
+            json.dump({"machine": machine(), "health": h, "rows": rows, "latency": latency, "dtypes": dtypes,
+                           "prefix_cache_hits": hits}, f, indent=2)
     if args.plot:
         plot(rows, Path(args.plot), f"loragate serve, SmolLM-135M-shaped model, {h.get('dtype')}, "
              f"{PROMPT}-token prompts + {NEW} new tokens on average, rank-8 adapters, default flags\n{machine()}")

@@ -5,11 +5,10 @@ its torch reference, through the `isa_target` fixture.)"""
 from __future__ import annotations
 
 import pytest
+from native_marks import needs_compiler
 
 from loragate.engine import host
 from loragate.kernels import native
-
-from native_marks import needs_compiler
 
 
 def test_each_target_compiles_the_path_it_names(isa_target):
