@@ -9,8 +9,15 @@ adapters (rank 8 on q_proj/v_proj — PEFT's default targets for Llama — unles
   (c) the same (b) workloads on HF PEFT (mixed-adapter batches via generate(adapter_names=...)).
 (a) alternates the adapter counts request by request (--samples x --rounds samples each); (b) runs
 base and every spread --rounds times, interleaved; both report medians; PEFT runs once.
+With --plot, (a) is also measured on HF PEFT (one PeftModel, adapters loaded up to each count in
+turn, the request on a random one of them, --peft-samples each) and drawn beside ours, latency
+against adapters registered (PNG, default docs/adapters.png). PEFT stops at --peft-max-count
+(default 100): each `load_adapter` walks every adapter already loaded, so registering grows
+quadratically (measured: 0.4 s for the 2nd, 2 s for the 40th, 4 s around the 100th on the 2-core
+VM; extrapolated, the 1000th would take about a minute and all thousand several hours).
 
-    python bench/adapters.py [--counts 1 100 1000] [--spreads 1 10 100] [--rounds 3] [--skip-peft]
+    python -m bench.adapters [--counts 1 10 100 1000] [--spreads 1 10 100] [--rounds 3] [--skip-peft]
+                             [--plot [docs/adapters.png]]
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ import random
 import statistics
 import time
 import uuid
+from pathlib import Path
 
 import torch
 
@@ -114,8 +122,8 @@ def peft_throughput(base, adapters: list, spread: int, dtype: torch.dtype) -> fl
         for wave in range(REQUESTS // STREAMS):
             idx = range(wave * STREAMS, (wave + 1) * STREAMS)
             x = torch.tensor([prompt(vocab, 1000 + i) for i in idx])
-            kw = dict(max_new_tokens=NEW_TPUT, min_new_tokens=NEW_TPUT, do_sample=False, pad_token_id=0,
-                      eos_token_id=None)
+            kw = {"max_new_tokens": NEW_TPUT, "min_new_tokens": NEW_TPUT, "do_sample": False, "pad_token_id": 0,
+                      "eos_token_id": None}
             if names:
                 kw["adapter_names"] = [names[i % len(names)] for i in idx]
             out = model.generate(x, **kw)
@@ -123,9 +131,73 @@ def peft_throughput(base, adapters: list, spread: int, dtype: torch.dtype) -> fl
     return tokens / (time.perf_counter() - t)
 
 
+def peft_latency(base, adapters: list, counts: list[int], samples: int, dtype: torch.dtype) -> dict[int, float]:
+    """Median seconds of the (a) request on HF PEFT with `n` adapters loaded, for each n of
+    `counts`: one PeftModel, adapters added up to each count in turn, the request on a random
+    loaded adapter each sample."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype).eval()
+    model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name=adapters[0].name)
+    loaded, out = 1, {}
+    vocab = model.config.vocab_size
+    rng = random.Random(0)
+    kw = {"max_new_tokens": NEW_LAT, "min_new_tokens": NEW_LAT, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    for n in sorted(counts):
+        t = time.perf_counter()
+        for p in adapters[loaded:n]:
+            model.load_adapter(str(p), adapter_name=p.name)
+        if n > loaded:
+            print(f"  (PEFT: loaded adapters {loaded + 1}..{n} in {time.perf_counter() - t:.0f} s)", flush=True)
+        loaded = max(loaded, n)
+        times = []
+        with torch.inference_mode():
+            for i in range(samples + 1):  # the first one warms up
+                model.set_adapter(adapters[rng.randrange(n)].name)
+                x = torch.tensor([prompt(vocab, i)])
+                t = time.perf_counter()
+                model.generate(x, **kw)
+                if i:
+                    times.append(time.perf_counter() - t)
+        out[n] = statistics.median(times)
+    return out
+
+
+def plot_latency(ours_warm: dict[int, float], ours_cold: dict[int, float], peft: dict[int, float] | None,
+                 path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    xs = sorted(ours_warm)
+    ax.plot(xs, [ours_warm[n] * 1e3 for n in xs], marker="o", label="loragate (adapter resident)")
+    ax.plot(xs, [ours_cold[n] * 1e3 for n in xs], marker=".", ls="--", alpha=0.7,
+            label="loragate, first use (loaded from disk)")
+    if peft:
+        px = sorted(peft)
+        more = " (registering more takes hours)" if max(px) < max(xs) else ""
+        ax.plot(px, [peft[n] * 1e3 for n in px], marker="s", label=f"HF PEFT (set_adapter + generate){more}")
+    ax.set_xscale("log")
+    ax.set_xticks(xs, [str(n) for n in xs])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("adapters registered")
+    ax.set_ylabel(f"latency (ms): {PROMPT}-token prompt + {NEW_LAT} new tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--counts", type=int, nargs="+", default=[1, 100, 1000])
+    ap.add_argument("--counts", type=int, nargs="+", default=[1, 10, 100, 1000])
     ap.add_argument("--spreads", type=int, nargs="+", default=[1, 10, 100])
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--rank", type=int, default=8)
@@ -133,6 +205,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--plot", nargs="?", const="docs/adapters.png",
+                    help="also time (a) on HF PEFT and draw both (PNG; default docs/adapters.png)")
+    ap.add_argument("--peft-samples", type=int, default=5, help="(a) on PEFT: requests per adapter count")
+    ap.add_argument("--peft-max-count", type=int, default=100,
+                    help="(a) on PEFT: adapter counts up to this (PEFT registers adapters in quadratic time)")
     ap.add_argument("--skip-latency", action="store_true", help="run only (b) and (c)")
     ap.add_argument("--skip-throughput", action="store_true", help="run only (a)")
     ap.add_argument("--rounds", type=int, default=3,
@@ -160,14 +237,28 @@ def main() -> None:
     for i in range(total):  # alternating counts request by request: the VM's drift hits them alike
         for n in counts:
             lat[n].append(cold_and_warm(engines[n], picks[n][i], i))
+    warm_ms, cold_ms = {}, {}
     for n in counts:
         engines[n].shutdown()
         # with one adapter only the very first request is cold
         colds = [lat[n][0][0]] if n == 1 else [c for c, _ in lat[n]]
         warms = [w for _, w in lat[n]]
+        warm_ms[n], cold_ms[n] = statistics.median(warms), statistics.median(colds)
         ratio = statistics.median(w / w1 for (_, w), (_, w1) in zip(lat[n], lat[counts[0]]))
         print(f"{n:8d} {statistics.median(colds) * 1e3:8.1f} {statistics.median(warms) * 1e3:8.1f} {ratio:17.2f}",
               flush=True)
+    engines.clear()
+    if args.plot and counts:
+        peft_lat = None
+        if not args.skip_peft:
+            print(f"(a) on HF PEFT, {args.peft_samples} requests per count:")
+            peft_counts = [n for n in counts if n <= args.peft_max_count]
+            peft_lat = peft_latency(base, adapters, peft_counts, args.peft_samples, getattr(torch, args.dtype))
+            for n, v in peft_lat.items():
+                print(f"{n:8d} {'':8} {v * 1e3:8.1f}   PEFT; loragate / PEFT {warm_ms[n] / v:.2f}", flush=True)
+        plot_latency(warm_ms, cold_ms, peft_lat, Path(args.plot),
+                     f"SmolLM-135M-shaped model, {args.dtype}, rank-{args.rank} adapters on "
+                     f"{','.join(args.targets)}, one request at a time\n{machine()}")
 
     if args.skip_throughput:
         return

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -11,37 +10,66 @@ import torch
 CACHE = Path(os.environ.get("LORAGATE_BENCH_CACHE", Path(__file__).resolve().parent.parent / ".bench_cache"))
 
 
-def smollm_checkpoint(dtype: str = "bfloat16") -> Path:
-    """A random checkpoint of SmolLM-135M's shape (built once, then reused)."""
+def smollm_checkpoint(dtype: str = "bfloat16", full_vocab_tokenizer: bool = False) -> Path:
+    """A random checkpoint of SmolLM-135M's shape (built once, then reused). With
+    `full_vocab_tokenizer`, its tokenizer names every one of the model's 49152 ids (see
+    `build_tokenizer_cached`), so every generated token decodes to text, as with a real model: what
+    a served benchmark needs, since the server streams a chunk per token that has text."""
     from loragate.testing import SMOLLM_135M, build_checkpoint
 
-    out = CACHE / f"smollm135m-v49152-{dtype}"
+    vocab = 49152
+    out = CACHE / f"smollm135m-v{vocab}-{dtype}{'-fullvocab' if full_vocab_tokenizer else ''}"
     if not (out / "config.json").exists():
-        tok = build_tokenizer_cached()
-        build_checkpoint(out, SMOLLM_135M, dtype=dtype, tokenizer_dir=tok, model_vocab_size=49152)
+        tok = build_tokenizer_cached(vocab if full_vocab_tokenizer else None)
+        build_checkpoint(out, SMOLLM_135M, dtype=dtype, tokenizer_dir=tok, model_vocab_size=vocab)
     return out
 
 
-def build_tokenizer_cached() -> Path:
+def build_tokenizer_cached(vocab_size: int | None = None) -> Path:
+    """The test suite's small byte-level BPE tokenizer; with `vocab_size`, extended to that many
+    ids by pseudo-words (" kavo", " trelim", ...) that decode to text but that no merge produces
+    (the benchmarks feed token ids, so encoding never needs them)."""
+    import json
+    import random
+    import shutil
+
     from loragate.testing import build_tokenizer
 
-    out = CACHE / "tokenizer"
+    base = CACHE / "tokenizer"
+    if not (base / "tokenizer.json").exists():
+        build_tokenizer(base)
+    if vocab_size is None:
+        return base
+    out = CACHE / f"tokenizer-v{vocab_size}"
     if not (out / "tokenizer.json").exists():
-        build_tokenizer(out)
+        tmp = out.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(base, tmp)
+        spec = json.loads((tmp / "tokenizer.json").read_text())
+        vocab = spec["model"]["vocab"]
+        rng = random.Random(0)
+        syllables = [c + v for c in "bcdfghklmnprstvz" for v in "aeiou"] + ["an", "el", "is", "or", "um"]
+        next_id = max(vocab.values()) + 1
+        while next_id < vocab_size:
+            word = "\u0120" + "".join(rng.choice(syllables) for _ in range(rng.randint(1, 4)))  # \u0120: a space
+            if word not in vocab:
+                vocab[word] = next_id
+                next_id += 1
+        (tmp / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+        tmp.rename(out)
     return out
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """The header every bench script prints: CPU model, its vector extensions (AVX2, AVX-512,
+    AVX-512 BF16, AMX: what decides the fast dtype and the native kernels' path), cores, torch,
+    GPU. Results from hosts that differ here are not comparable."""
+    from loragate.engine import host
+
+    info = host.detect()
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {dev}"
+    return (f"{info.cpu_model} [{info.features.extensions()}], {info.cores} cores, torch {torch.__version__} "
+            f"(ATen {info.torch_capability}), {dev}")
 
 
 def timeit(fn, iters: int, warmup: int = 2, sync=None) -> float:

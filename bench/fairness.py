@@ -5,13 +5,15 @@ Scenario: 'heavy' sends 10 requests a step, clients a, b and c one each, for 40 
 each client's service over the window in which all four were backlogged, its share, its mean
 wait, and the worst service gap between two clients next to the proven VTC bound.
 No model and no clock: runs in well under a second on any machine.
-Usage: python bench/fairness.py [--seeds N] [--budget TOKENS] [--max-running SEQS]
+Usage: python -m bench.fairness [--seeds N] [--budget TOKENS] [--max-running SEQS]
 """
 from __future__ import annotations
 
 import argparse
+import time
 from itertools import combinations
 
+from bench.common import machine
 from loragate.engine.fairness import FCFSPolicy, VTCPolicy
 from loragate.engine.fairness_sim import (ServerSpec, common_backlog, heavy_scenario, max_service_gap,
                                           request_cost_bound, simulate, vtc_bound)
@@ -43,6 +45,7 @@ def main() -> None:
     ap.add_argument("--max-running", type=int, default=16)
     args = ap.parse_args()
     server = ServerSpec(args.budget, args.max_running)
+    print(f"# bench/fairness.py  {time.strftime('%Y-%m-%d')}  {machine()}  (a simulation: no clock, any machine)")
     for seed in range(args.seeds):
         report(seed, server)
 

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from bench.common import machine
 from loragate.kernels import LoraBatchLayout, add_lora, add_lora_ref, lora_expand_ref, lora_shrink_ref
 from loragate.kernels.lora_cpu import use_native
 
@@ -47,6 +48,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     slots, rank = 8, args.rank
+    print(f"# bench/kernels.py  {time.strftime('%Y-%m-%d')}  {machine()}")
     print(f"threads={args.threads} dtype={args.dtype} rank={rank}")
     print(f"{'scenario':34s} {'group':8s} {'base ms':>8s} {'engine ms':>10s} {'fused ms':>9s} {'split ms':>9s}")
     for scen, token_slots in SCENARIOS.items():

@@ -33,6 +33,22 @@ def checkpoints(tmp_path_factory, tokenizer_dir):
     return get
 
 
+@pytest.fixture(params=["native", "avx2", "portable"])
+def isa_target(request, monkeypatch):
+    """Runs a native-kernel test once per build path this host can execute: the default native
+    build (-march=native: AVX-512 where the CPU has it), the AVX2 path and the portable one."""
+    from loragate.engine import host
+    from loragate.kernels import native
+
+    target = request.param
+    if native.compiler() is None:
+        pytest.skip("no C++ compiler on this host")
+    if target == "avx2" and not host.detect().features.avx2:
+        pytest.skip("this CPU cannot run the AVX2 path")
+    monkeypatch.setenv(native.ISA_ENV, target)
+    return target
+
+
 # ---- secrets never reach logs or error messages, checked over the whole suite ------------------
 # Every log record (any logger) and every OpenAI-style error body the gateway renders is scanned for
 # API keys (tests use keys of the form sk-...) and for adapter paths: any path under pytest's

@@ -103,9 +103,10 @@ def test_native_kernel_builds_where_a_compiler_is():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("heads,head_dim", [((6, 2), 16), ((9, 3), 64), ((4, 4), 128), ((8, 1), 80)])
 @pytest.mark.parametrize("batch", [1, 5, 33])
-def test_native_decode_attention_matches_reference(dtype, heads, head_dim, batch):
+def test_native_decode_attention_matches_reference(dtype, heads, head_dim, batch, isa_target):
     """Head widths with a vector-register path (64, 128) and without (16, 80); GQA groups of 1 to 8;
-    q as a strided view of the qkv buffer; contexts up to 60 rows over scrambled pages."""
+    q as a strided view of the qkv buffer; contexts up to 60 rows over scrambled pages; on every
+    build path (AVX-512, AVX2, portable) this host runs."""
     Hq, Hk = heads
     case = make_case(batch, Hq, Hk, head_dim, dtype, seed=batch * 7 + head_dim, max_len=60)
     out = decode_attention_native(case.q, case.kv_cache, case.meta.decode_kv_index, case.meta.decode_lens, case.scale)
@@ -115,7 +116,7 @@ def test_native_decode_attention_matches_reference(dtype, heads, head_dim, batch
 
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_writes_the_steps_kv_before_attending(dtype):
+def test_native_writes_the_steps_kv_before_attending(dtype, isa_target):
     """The engine's decode call also stores this step's keys and values: each sequence's newest
     token is the last slot of its context, and the result must attend to the new rows."""
     case = make_case(5, Hq=6, Hk=2, D=64, dtype=dtype, seed=11)

@@ -49,7 +49,7 @@ def server(tmp_path_factory):
                 pass
             time.sleep(0.2)
         env.update(LORAGATE_BASE_URL=f"http://127.0.0.1:{port}/v1", LORAGATE_API_KEY=KEY)
-        yield {"env": env, "adapter_root": adapter_root}
+        yield {"env": env, "adapter_root": adapter_root, "log": log, "url": f"http://127.0.0.1:{port}"}
     finally:
         proc.terminate()
         try:
@@ -118,6 +118,21 @@ def test_many_adapters(server):
     accuracy = float(re.search(r"accuracy ([\d.]+)%", out).group(1))
     assert accuracy >= 50, out
     assert len(list(server["adapter_root"].iterdir())) == 20
+
+
+def test_startup_summary_and_health_name_the_dtype_and_why(server):
+    """The demo checkpoint is bf16: served in bf16 where this CPU multiplies bf16 natively, else in
+    float32; the start-up log and /health both say which and why."""
+    import torch
+
+    from loragate.engine import host
+
+    expected = host.choose_dtype("auto", torch.bfloat16, "cpu", host.detect().features)
+    health = httpx.get(server["url"] + "/health", timeout=10).json()
+    assert health["status"] == "ok"
+    assert (health["dtype"], health["dtype_reason"]) == (expected.name, expected.reason)
+    assert health["vector_extensions"] == host.detect().features.extensions()
+    assert f"compute dtype {expected.name} on cpu ({expected.reason})" in server["log"].read_text()
 
 
 def test_lorax_client(server):

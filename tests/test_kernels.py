@@ -503,9 +503,9 @@ def test_native_lora_builds():
 @needs_compiler
 @pytest.mark.parametrize("group_name", list(GROUPS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_native_matches_oracle(group_name, dtype):
+def test_native_matches_oracle(group_name, dtype, isa_target):
     """Every segment of the mixed layout (decodes, the long prefill, a slot in two segments, every
-    rank), rank padding of the buffers random, base rows untouched."""
+    rank), rank padding of the buffers random, base rows untouched; on every build path."""
     group = GROUPS[group_name]
     layout = layout_for(MIXED_SLOTS)
     A, B = native_weights(group, dtype)
@@ -519,7 +519,7 @@ def test_native_matches_oracle(group_name, dtype):
 
 @needs_compiler
 @pytest.mark.parametrize("seed", range(10))
-def test_native_random_layouts_on_strided_views(seed):
+def test_native_random_layouts_on_strided_views(seed, isa_target):
     rng = random.Random(100 + seed)
     slots = [rng.randrange(-1, MAX_LORAS) for _ in range(rng.randint(1, 40))]
     group = GROUPS[rng.choice(sorted(GROUPS))]

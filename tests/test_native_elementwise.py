@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from loragate.engine.model.rope import RotaryEmbedding
 from loragate.kernels import native
-from loragate.kernels.elementwise import add_rms_norm_native, rope_native_, silu_mul_native
+from loragate.kernels.elementwise import add_rms_norm_native, argmax_rows_native, rope_native_, silu_mul_native
 
 from native_marks import needs_compiler
 
@@ -35,7 +35,7 @@ def hf_rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", ROWS)
-def test_add_rms_norm(dtype, rows):
+def test_add_rms_norm(dtype, rows, isa_target):
     g = torch.Generator().manual_seed(rows)
     h = torch.randn(rows, 576, generator=g).to(dtype)
     delta = torch.randn(rows, 576, generator=g).to(dtype)
@@ -52,7 +52,7 @@ def test_add_rms_norm(dtype, rows):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", ROWS)
-def test_silu_mul(dtype, rows):
+def test_silu_mul(dtype, rows, isa_target):
     g = torch.Generator().manual_seed(rows + 1)
     gate_up = (4 * torch.randn(rows, 2 * 1536, generator=g)).to(dtype)  # large |x| too: both branches of sigmoid
     gate, up = gate_up.chunk(2, dim=-1)
@@ -67,7 +67,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("head_dim", [64, 16])
-def test_rope_in_place(dtype, rows, head_dim):
+def test_rope_in_place(dtype, rows, head_dim, isa_target):
     """q|k heads of a q|k|v buffer rotated in place; v untouched. As transformers computes it:
     cos/sin cast to the storage dtype, x*cos + rotate_half(x)*sin with each product rounded."""
     Hq, Hk = 9, 3
@@ -88,6 +88,22 @@ def test_rope_in_place(dtype, rows, head_dim):
     torch_path = before.clone()
     rope.apply_(torch_path, positions, rope.lookup(positions))
     torch.testing.assert_close(x, torch_path, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_argmax_rows(dtype, isa_target):
+    """The first maximum of each row, as torch.argmax: ties, the first and last column, a NaN, a
+    row of -inf, widths with a tail past the 64-column chunks (the sampler's tests cover more)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 4096 + 7, generator=g).to(dtype)
+    high = x.amax() + 1
+    x[0, [70, 4100]] = high
+    x[1, -1] = high
+    x[2, 0] = high
+    x[3, 2000] = float("nan")
+    x[4] = float("-inf")
+    assert argmax_rows_native(x).tolist() == x.argmax(-1).tolist()
+    assert argmax_rows_native(x[:, :1000]).tolist() == x[:, :1000].argmax(-1).tolist()  # strided rows
 
 
 def test_bad_inputs_are_refused():

@@ -47,6 +47,8 @@ class AsyncEngine:
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.model_name = config.served_model_name or Path(config.model).name
+        # device, compute dtype and why, CPU abilities and kernel path (shown by /health)
+        self.host_info: dict[str, object] = dict(getattr(self.engine, "host_info", {}))
         self.block_size = self.engine.kv.block_size
         self._last_lora_state: LoraState | None = None
         self._cmds: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -120,13 +122,19 @@ class AsyncEngine:
             self._fail_all(self._dead)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            with self._lock:
+        """Hand a step's outputs to their streams: one call into each event loop per step, not one
+        per output. Each call wakes the loop (a write to its self-pipe) and takes a turn of it; at 32
+        streams that was 32 wake-ups a step competing with the step's own threads for the cores."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        with self._lock:
+            for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if out.finished:
                     self._streams.pop(out.request_id, None)
-            if stream is not None:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+                if stream is not None:
+                    batches.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
@@ -304,6 +312,11 @@ class AsyncEngine:
                     loop.call_soon_threadsafe(_set_result, fut, None)
                 else:
                     loop.call_soon_threadsafe(_set_exc, fut, err)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)
 
 
 def _set_result(fut: asyncio.Future, value: Any) -> None:

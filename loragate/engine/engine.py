@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from loragate.engine import host
 from loragate.engine.adapters.cache import AdapterCache
 from loragate.engine.adapters.peft_loader import BaseModelInfo
 from loragate.engine.adapters.registry import AdapterRegistry
@@ -29,7 +30,7 @@ from loragate.engine.kv_cache import KVCache, KVCacheSpec, kv_budget_bytes
 from loragate.engine.memory import available_bytes
 from loragate.engine.model.config import ModelConfig
 from loragate.engine.model.llama import LlamaModel
-from loragate.engine.model.loader import fused_weights, read_tensors, resolve_dtype
+from loragate.engine.model.loader import checkpoint_dtype, fused_weights, read_tensors
 from loragate.engine.model.lora import LoraWeights
 from loragate.engine.outputs import EngineRequest, EngineStats, LoraState, RequestOutput, TokenLogprob
 from loragate.engine.sampler import Sampler, SampleRow, make_generator
@@ -61,10 +62,14 @@ class Engine:
             native.load_all()  # build (or find) the native CPU kernels now, not in the first step
         self.model_config = ModelConfig.from_dir(path)
         mc = self.model_config
-        self.dtype = resolve_dtype(config.dtype, mc, self.device)
+        self.dtype_choice = host.choose_dtype(config.dtype, checkpoint_dtype(mc), self.device.type,
+                                              host.detect().features)
+        self.dtype = self.dtype_choice.dtype
         # before the weights load: a host that cannot run the kernels fails in seconds, not minutes
         self.kernels = check_kernels(self.device, self.dtype, config.lora_kernels) \
             if config.enable_lora or self.device.type == "cpu" else None
+        self.host_info = host.summary(self.dtype_choice, self.device.type)  # for /health
+        log.info("%s", host.summary_line(self.host_info))
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         weights = fused_weights(mc, read_tensors(path), self.device, self.dtype)
         self.model = LlamaModel(mc, weights, self.device, self.dtype, max_positions=max(self.max_model_len, mc.max_position_embeddings))

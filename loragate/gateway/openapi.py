@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
 _REF = "#/components/schemas/{model}"
@@ -66,6 +66,14 @@ class AdapterDeleted(BaseModel):
 class HealthStatus(BaseModel):
     status: str
     error: ErrorDetail | None = None
+    # with status "ok": what the engine runs on (loragate.engine.host.summary)
+    device: str | None = None
+    dtype: str | None = Field(None, description="compute dtype")
+    dtype_reason: str | None = Field(None, description="why this dtype (--dtype auto: the CPU's abilities)")
+    cpu: str | None = None
+    vector_extensions: str | None = Field(None, description="AVX2, AVX-512, AVX-512 BF16, AMX present or not")
+    native_bf16: bool | None = None
+    cpu_kernels: str | None = Field(None, description="the native CPU kernels' vector path, or why torch ops run")
 
 
 _ERROR_TEXT = {400: "Invalid request", 401: "Missing or wrong API key", 403: "The key may not do this",

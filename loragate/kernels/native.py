@@ -1,14 +1,21 @@
 """Build and load the package's small native CPU kernels (loragate/kernels/csrc/*.cpp).
 
 Why at run time rather than at install: the kernels are compiled for the host's own CPU
-(`-march=native`: AVX-512 where the host has it), and `pip install` of a pure-Python package
-keeps working where no compiler is present. A kernel is a plain C function loaded with ctypes:
+(`-march=native`: the AVX-512 path where the host has it, the AVX2 path where it has AVX2, a
+portable one elsewhere; see csrc/isa.h), and `pip install` of a pure-Python package keeps working
+where no compiler is present. A kernel is a plain C function loaded with ctypes:
 no torch headers, so a build takes about two seconds, once per host, cached under
 `$LORAGATE_CACHE_DIR` (default `~/.cache/loragate`) by a hash of the source, the compiler, its
 flags and the CPU. When anything fails (no compiler, a compile error, an unloadable library) the
 caller gets None and the engine keeps the torch path; the reason is logged once.
 
 `LORAGATE_CXX` names the compiler (default `$CXX`, else `c++`, `g++`).
+`LORAGATE_CPU_ISA=native|avx512|avx2|portable` picks the build target (default native: what the
+compiler finds on this CPU; the others force that path, so tests run every path a host can, and a
+host whose compiler mis-detects can be told). Read on every call too; each target is a library of
+its own. A library built for instructions this CPU lacks is refused after loading (it answers
+`loragate_cpu_supported`) rather than run into an illegal instruction; a `native` build the
+compiler refuses (an `-march=native` it does not know) falls back to the portable flags.
 `LORAGATE_CPU_KERNELS=native|torch` forces a backend for every op that has a native kernel (read on
 every call, so tests and benchmarks can switch it); by default CPU tensors take the native kernel
 when it built.
@@ -38,10 +45,21 @@ CACHE_ENV = "LORAGATE_CACHE_DIR"
 CXX_ENV = "LORAGATE_CXX"
 BACKEND_ENV = "LORAGATE_CPU_KERNELS"
 BACKENDS = ("native", "torch")
+ISA_ENV = "LORAGATE_CPU_ISA"
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # as loragate::with_storage
 # OpenMP: the library joins the libgomp that torch has already loaded (same soname), so its
 # parallel regions run on torch's thread pool instead of a second pool competing for the cores.
-CXXFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+# -fno-trapping-math lets the compiler if-convert the clamps before float-to-int conversions (exp,
+# SiLU), without which those loops stay scalar on AVX2 and SSE (AVX-512 masks them anyway); like
+# -fno-math-errno it changes no result (torch builds with both).
+CXXFLAGS = ("-O3", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+# build targets: the path csrc/isa.h compiles follows the instruction sets these enable
+TARGET_FLAGS: dict[str, tuple[str, ...]] = {
+    "native": ("-march=native",),
+    "avx512": ("-march=skylake-avx512", "-mtune=generic"),  # AVX-512 F/CD/BW/DQ/VL
+    "avx2": ("-march=haswell", "-mtune=generic"),  # AVX2, FMA, F16C (x86-64-v3)
+    "portable": (),  # the compiler's baseline for the architecture
+}
 
 
 @dataclass(frozen=True)
@@ -51,13 +69,25 @@ class NativeBuild:
     library: ctypes.CDLL | None
     path: Path | None
     error: str | None
+    target: str = "native"  # the LORAGATE_CPU_ISA target asked for
+    isa: str | None = None  # the path the library compiled to: avx512, avx2 or portable
 
 
-_builds: dict[str, NativeBuild] = {}
+_builds: dict[tuple[str, str], NativeBuild] = {}
 _lock = threading.Lock()
 _name_locks: dict[str, threading.Lock] = {}
-_functions: dict[tuple[str, str], ctypes._CFuncPtr] = {}
-_disabled: set[str] = set()
+_functions: dict[tuple[str, str, str], ctypes._CFuncPtr] = {}
+_disabled: dict[str, str] = {}  # library -> why it is switched off (every target)
+
+
+def target() -> str:
+    """The build target `LORAGATE_CPU_ISA` names (default native)."""
+    forced = os.environ.get(ISA_ENV, "").strip().lower()
+    if not forced:
+        return "native"
+    if forced not in TARGET_FLAGS:
+        raise ValueError(f"{ISA_ENV} must be one of {tuple(TARGET_FLAGS)}, got {forced!r}")
+    return forced
 
 
 def compiler() -> str | None:
@@ -94,9 +124,10 @@ def _cache_dirs() -> list[Path]:
     return dirs
 
 
-def _compile(cxx: str, source: Path, target: Path) -> tuple[str | None, bool]:
+def _compile(cxx: str, flags: tuple[str, ...], source: Path, target: Path) -> tuple[str | None, bool]:
     """Build `target`; returns (error or None, whether another directory might work)."""
-    logger.info("compiling the native CPU kernel %s for this CPU (once; cached in %s)", source.stem, target.parent)
+    logger.info("compiling the native CPU kernel %s for this CPU (%s; once, cached in %s)", source.stem,
+                " ".join(flags), target.parent)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         # build beside the target, then rename: processes that build at once never load a half-written file
@@ -105,7 +136,7 @@ def _compile(cxx: str, source: Path, target: Path) -> tuple[str | None, bool]:
     except OSError as e:
         return f"cannot write to {target.parent}: {e}", True
     try:
-        proc = subprocess.run([cxx, *CXXFLAGS, "-o", tmp, str(source)], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([cxx, *flags, "-o", tmp, str(source)], capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             return f"compiling {source.name} failed: {proc.stderr.strip()[-2000:]}", False
         os.replace(tmp, target)
@@ -117,64 +148,98 @@ def _compile(cxx: str, source: Path, target: Path) -> tuple[str | None, bool]:
             os.unlink(tmp)
 
 
-def _build(name: str) -> NativeBuild:
-    source = CSRC / f"{name}.cpp"
-    cxx = compiler()
-    if cxx is None:
-        return NativeBuild(None, None, f"no C++ compiler found (set {CXX_ENV})")
+def _open(path: Path, name: str, isa_target: str) -> NativeBuild:
+    """Load a built library and check that this CPU can run the path it was compiled for."""
     try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        return NativeBuild(None, None, f"{cxx} --version failed: {e}")
+        lib = ctypes.CDLL(str(path))
+        lib.loragate_isa.restype = ctypes.c_char_p
+        lib.loragate_isa.argtypes = []
+        lib.loragate_cpu_supported.restype = ctypes.c_int
+        lib.loragate_cpu_supported.argtypes = []
+        isa = lib.loragate_isa().decode()
+        supported = lib.loragate_cpu_supported()
+    except (OSError, AttributeError) as e:
+        return NativeBuild(None, path, f"loading {path} failed: {e}", isa_target)
+    if not supported:
+        return NativeBuild(None, path, f"{name} was built for {isa} ({ISA_ENV}={isa_target}), which this CPU "
+                           "cannot run", isa_target, isa)
+    return NativeBuild(lib, path, None, isa_target, isa)
+
+
+def _build_with(name: str, cxx: str, version: str, flags: tuple[str, ...], isa_target: str) -> NativeBuild:
+    source = CSRC / f"{name}.cpp"
     key = hashlib.sha256()
     headers = b"".join(p.read_bytes() for p in sorted(CSRC.glob("*.h")))
-    for part in (source.read_bytes(), headers, cxx.encode(), version.encode(), " ".join(CXXFLAGS).encode(),
+    for part in (source.read_bytes(), headers, cxx.encode(), version.encode(), " ".join(flags).encode(),
                  _cpu_signature().encode()):
         key.update(part)
         key.update(b"\0")
     error = None
     for directory in _cache_dirs():
-        target = directory / f"{name}-{key.hexdigest()[:16]}.so"
-        if not target.exists():
-            error, elsewhere = _compile(cxx, source, target)
+        path = directory / f"{name}-{key.hexdigest()[:16]}.so"
+        if not path.exists():
+            error, elsewhere = _compile(cxx, flags, source, path)
             if error is not None:
                 if elsewhere:
                     continue
-                return NativeBuild(None, None, error)
-        try:
-            return NativeBuild(ctypes.CDLL(str(target)), target, None)
-        except OSError as e:
-            return NativeBuild(None, target, f"loading {target} failed: {e}")
-    return NativeBuild(None, None, error)
+                return NativeBuild(None, None, error, isa_target)
+        return _open(path, name, isa_target)
+    return NativeBuild(None, None, error, isa_target)
 
 
-def load(name: str) -> NativeBuild:
-    """The built library `csrc/<name>.cpp` (built on the first call in a process, then cached)."""
+def _build(name: str, isa_target: str) -> NativeBuild:
+    cxx = compiler()
+    if cxx is None:
+        return NativeBuild(None, None, f"no C++ compiler found (set {CXX_ENV})", isa_target)
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return NativeBuild(None, None, f"{cxx} --version failed: {e}", isa_target)
+    build = _build_with(name, cxx, version, CXXFLAGS + TARGET_FLAGS[isa_target], isa_target)
+    if build.library is None and isa_target == "native" and build.path is None:
+        # a compiler without -march=native for this CPU (or architecture): the portable path
+        fallback = _build_with(name, cxx, version, CXXFLAGS + TARGET_FLAGS["portable"], isa_target)
+        if fallback.library is not None:
+            logger.warning("native kernel %s: the -march=native build failed, using the portable build (%s)",
+                           name, build.error)
+            return fallback
+    return build
+
+
+def load(name: str, isa_target: str | None = None) -> NativeBuild:
+    """The built library `csrc/<name>.cpp` for `isa_target` (default: `target()`), built on the
+    first call in a process, then cached."""
+    isa_target = isa_target or target()
     with _lock:
         name_lock = _name_locks.setdefault(name, threading.Lock())
     with name_lock:  # one build per library at a time; different libraries build side by side
-        build = _builds.get(name)
+        if name in _disabled:
+            return NativeBuild(None, None, f"disabled: {_disabled[name]}", isa_target)
+        build = _builds.get((name, isa_target))
         if build is None:
-            build = _builds[name] = _build(name)
+            build = _builds[(name, isa_target)] = _build(name, isa_target)
             if build.error:
                 logger.warning("native kernel %s unavailable, using the torch path: %s", name, build.error)
         return build
 
 
-def load_all() -> dict[str, NativeBuild]:
+def load_all(isa_target: str | None = None) -> dict[str, NativeBuild]:
     """Every kernel library of csrc/, built in parallel (the engine calls this at start-up, so no
     step waits on a compiler)."""
+    isa_target = isa_target or target()
     names = [p.stem for p in sorted(CSRC.glob("*.cpp"))]
     with ThreadPoolExecutor(max_workers=len(names)) as pool:
-        return dict(zip(names, pool.map(load, names)))
+        return dict(zip(names, pool.map(lambda n: load(n, isa_target), names)))
 
 
 def forget(name: str) -> None:
-    """Drop the memo of `name` so the next `load` tries again (tests change the compiler)."""
+    """Drop the memo of `name` (every target) so the next `load` tries again (tests change the
+    compiler)."""
     with _lock:
         name_lock = _name_locks.setdefault(name, threading.Lock())
     with name_lock:
-        _builds.pop(name, None)
+        for key in [k for k in _builds if k[0] == name]:
+            del _builds[key]
         for key in [k for k in _functions if k[0] == name]:
             del _functions[key]
 
@@ -184,15 +249,13 @@ def disable(name: str, reason: str) -> None:
     engine's start-up self-check found it wrong, or the server runs with `--lora-kernels torch`."""
     forget(name)
     with _lock:
-        _builds[name] = NativeBuild(None, None, f"disabled: {reason}")
-        _disabled.add(name)
+        _disabled[name] = reason
 
 
 def enable(name: str) -> None:
     """Undo `disable` (the next `load` finds the built library again)."""
     with _lock:
-        was = name in _disabled
-        _disabled.discard(name)
+        was = _disabled.pop(name, None) is not None
     if was:
         forget(name)
 
@@ -212,17 +275,19 @@ def use_native(tensor: torch.Tensor, name: str) -> bool:
 
 
 def function(name: str, symbol: str, argtypes: list) -> ctypes._CFuncPtr:
-    """`symbol` of library `name` with its C signature set (int return); the library must have
-    built. Memoised: the wrappers call this on every kernel call, where it is one dict lookup."""
-    fn = _functions.get((name, symbol))
+    """`symbol` of library `name` (for the current `target()`) with its C signature set (int
+    return); the library must have built. Memoised: the wrappers call this on every kernel call,
+    where it is one environment read and one dict lookup."""
+    isa_target = os.environ.get(ISA_ENV) or "native"
+    fn = _functions.get((name, isa_target, symbol))
     if fn is None:
-        lib = load(name).library
-        if lib is None:
-            raise RuntimeError(f"the native kernel {name} is unavailable: {load(name).error}")
-        fn = getattr(lib, symbol)
+        build = load(name)  # validates the target's name
+        if build.library is None:
+            raise RuntimeError(f"the native kernel {name} is unavailable: {build.error}")
+        fn = getattr(build.library, symbol)
         fn.argtypes = argtypes
         fn.restype = ctypes.c_int
-        _functions[(name, symbol)] = fn
+        _functions[(name, isa_target, symbol)] = fn
     return fn
 
 

@@ -65,14 +65,15 @@ class BaseModelInfo:
     model_type: str  # e.g. "llama", "mistral", "qwen2"
     num_layers: int
     module_shapes: dict[str, tuple[int, int]]  # peft module name -> (in_features, out_features)
-    dtype: torch.dtype
+    dtype: torch.dtype  # the engine's compute dtype (loragate.engine.host.choose_dtype)
     # modules the device slots hold, when they were sized for fewer than all (adapters/slots.py)
     slot_modules: tuple[str, ...] | None = None
 
 
 @dataclass
 class LoadedAdapter:
-    """The CPU tier's unit: validated tensors in the base dtype, ready for `LoraWeights.write_slot`."""
+    """The CPU tier's unit: validated tensors in the engine's compute dtype (converted once, when
+    read: a float32 engine never converts a bf16 adapter per step), ready for `LoraWeights.write_slot`."""
 
     name: str
     path: str

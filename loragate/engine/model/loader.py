@@ -18,17 +18,17 @@ from loragate.engine.model.config import ModelConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def checkpoint_dtype(cfg: ModelConfig) -> torch.dtype | None:
+    """The dtype config.json names (`torch_dtype`, or `dtype` in newer files), None if none."""
+    return DTYPES.get(str(cfg.torch_dtype).replace("torch.", ""))
+
+
 def resolve_dtype(requested: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    """`auto` takes the checkpoint's dtype, except fp16 on the CPU (slow and overflow-prone there),
-    which becomes bf16."""
-    if requested != "auto":
-        if requested not in DTYPES:
-            raise ValueError(f"unknown dtype {requested!r}; choose auto, bfloat16, float16 or float32")
-        return DTYPES[requested]
-    dtype = DTYPES.get(str(cfg.torch_dtype).replace("torch.", ""), torch.float32)
-    if device.type == "cpu" and dtype == torch.float16:
-        return torch.bfloat16
-    return dtype
+    """The compute dtype for this checkpoint on `device` (see loragate.engine.host.choose_dtype:
+    on the CPU, bf16 only where the CPU multiplies it natively)."""
+    from loragate.engine import host
+
+    return host.choose_dtype(requested, checkpoint_dtype(cfg), device.type, host.detect().features).dtype
 
 
 def safetensor_files(path: Path) -> list[Path]:

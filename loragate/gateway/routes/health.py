@@ -1,5 +1,7 @@
 """GET /health: 200 while the engine's step loop runs, 503 once it has died or the server is draining
-for shutdown (no auth, for probes: a load balancer stops sending traffic at once)."""
+for shutdown (no auth, for probes: a load balancer stops sending traffic at once). The 200 body also
+says what the engine runs on: device, compute dtype and why it was chosen, the CPU's vector
+extensions and the native kernels' path (see loragate.engine.host)."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
@@ -20,6 +22,6 @@ async def health(request: Request) -> JSONResponse:
                                                              "type": "server_error", "param": None,
                                                              "code": "server_shutting_down"}}, status_code=503)
     if ctx.engine.is_alive:
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", **getattr(ctx.engine, "host_info", {})})
     return JSONResponse({"status": "error", "error": {"message": "engine is not running", "type": "server_error",
                                                       "param": None, "code": "engine_dead"}}, status_code=503)

@@ -21,9 +21,7 @@
 #include <vector>
 
 #include "common.h"
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
+#include "isa.h"
 
 namespace {
 
@@ -74,40 +72,34 @@ inline void attend_head(const float* __restrict q_scaled, const typename S::T* k
     for (int64_t d = 0; d < D; ++d) out_row[d] = S::store(acc[d] * inv);
 }
 
-#ifdef __AVX512F__
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {  // bfloat16: the high half of a float32
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-inline __m512 load16(const _Float16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-
-// The same for head_dim = 16 * kChunks, with the query and the accumulator in registers.
+#ifdef LORAGATE_HAS_VEC
+// The same for head_dim = VecF::kWidth * kChunks (64 or 128: 4 or 8 AVX-512 registers, 8 or 16
+// AVX2 ones), with the query and the accumulator held in registers across the context's rows.
 template <class S, int kChunks>
-inline void attend_head_avx512(const float* __restrict q_scaled, const typename S::T* keys,
-                               const typename S::T* values, const int64_t* idx, int64_t n,
-                               float* __restrict scores, typename S::T* out_row) {
-    constexpr int64_t D = 16 * kChunks;
-    __m512 qv[kChunks], acc[kChunks];
-    for (int c = 0; c < kChunks; ++c) qv[c] = _mm512_loadu_ps(q_scaled + 16 * c);
+inline void attend_head_vec(const float* __restrict q_scaled, const typename S::T* keys, const typename S::T* values,
+                            const int64_t* idx, int64_t n, float* __restrict scores, typename S::T* out_row) {
+    constexpr int64_t W = VecF::kWidth, D = W * kChunks;
+    VecF qv[kChunks], acc[kChunks];
+    for (int c = 0; c < kChunks; ++c) qv[c] = VecF::load(q_scaled + W * c);
     float mx = -INFINITY;
     for (int64_t j = 0; j < n; ++j) {
         const typename S::T* k = keys + idx[j] * D;
-        __m512 s = _mm512_mul_ps(qv[0], load16(k));
-        for (int c = 1; c < kChunks; ++c) s = _mm512_fmadd_ps(qv[c], load16(k + 16 * c), s);
-        const float sj = _mm512_reduce_add_ps(s);
+        VecF s = qv[0] * VecF::load(k);
+        for (int c = 1; c < kChunks; ++c) s = fmadd(qv[c], VecF::load(k + W * c), s);
+        const float sj = s.sum();
         scores[j] = sj;
         mx = sj > mx ? sj : mx;
     }
     const float sum = exp_shifted(scores, n, mx);
-    for (int c = 0; c < kChunks; ++c) acc[c] = _mm512_setzero_ps();
+    for (int c = 0; c < kChunks; ++c) acc[c] = VecF::zero();
     for (int64_t j = 0; j < n; ++j) {
         const typename S::T* v = values + idx[j] * D;
-        const __m512 p = _mm512_set1_ps(scores[j]);
-        for (int c = 0; c < kChunks; ++c) acc[c] = _mm512_fmadd_ps(p, load16(v + 16 * c), acc[c]);
+        const VecF p = VecF::set1(scores[j]);
+        for (int c = 0; c < kChunks; ++c) acc[c] = fmadd(p, VecF::load(v + W * c), acc[c]);
     }
     alignas(64) float tmp[D];
-    const __m512 inv = _mm512_set1_ps(1.0f / sum);
-    for (int c = 0; c < kChunks; ++c) _mm512_store_ps(tmp + 16 * c, _mm512_mul_ps(acc[c], inv));
+    const VecF inv = VecF::set1(1.0f / sum);
+    for (int c = 0; c < kChunks; ++c) (acc[c] * inv).store(tmp + W * c);
     for (int64_t d = 0; d < D; ++d) out_row[d] = S::store(tmp[d]);
 }
 #endif
@@ -182,13 +174,9 @@ int decode_attention(const Args& a) {
                 const T* qi = q + b * a.q_stride + i * D;
                 T* oi = out + (b * Hq + i) * D;
                 for (int64_t d = 0; d < D; ++d) qf[d] = S::load(qi[d]) * a.scale;
-#ifdef __AVX512F__
-                if (kHeadDim == 64) {
-                    attend_head_avx512<S, 4>(qf.data(), keys, values, idx, n, scores.data(), oi);
-                    continue;
-                }
-                if (kHeadDim == 128) {
-                    attend_head_avx512<S, 8>(qf.data(), keys, values, idx, n, scores.data(), oi);
+#ifdef LORAGATE_HAS_VEC
+                if constexpr (kHeadDim == 64 || kHeadDim == 128) {
+                    attend_head_vec<S, kHeadDim / VecF::kWidth>(qf.data(), keys, values, idx, n, scores.data(), oi);
                     continue;
                 }
 #endif

@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "common.h"
+#include "isa.h"
 
 namespace {
 
