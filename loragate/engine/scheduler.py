@@ -164,6 +164,8 @@ class Scheduler:
                 head = queue[0]
                 if self._adapter_slot(head, out) is None:
                     continue
+                if not self._grammar_ready(queue[0], out):
+                    continue
                 candidates.append((client, head.request.arrival_time))
             if not candidates:
                 return
@@ -183,6 +185,18 @@ class Scheduler:
             self.running.append(seq)
             self._add_scheduled(out, seq, n)
             budget -= n
+
+    def _grammar_ready(self, head: Sequence, out: SchedulerOutput) -> bool:
+        """A constrained head runs only once its grammar compiled (on the compiler's thread) and
+        its matcher agrees with the tokens it kept; one whose grammar failed is failed here."""
+        g = head.grammar
+        if g is None or g.ready(head.output_ids):
+            return True
+        if g.error is not None:
+            self.queues[head.client].popleft()
+            head.state = SeqState.FINISHED
+            out.failed.append((head, f"invalid grammar: {g.error}"))
+        return False
 
     def _adapter_slot(self, head: Sequence, out: SchedulerOutput) -> int | None:
         """The head's device slot (-1 for base), or None if it cannot run yet. Heads whose adapter

@@ -9,11 +9,15 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from loragate.engine.detokenizer import TextStream
 from loragate.engine.outputs import EngineRequest
+
+if TYPE_CHECKING:
+    from loragate.engine.structured.runtime import SequenceGrammar
 
 
 class SeqState(enum.Enum):
@@ -38,6 +42,7 @@ class Sequence:
     admitted_at: float | None = None
     first_token_at: float | None = None
     preemptions: int = 0
+    grammar: SequenceGrammar | None = None  # set when the request is constrained (structured outputs)
 
     @property
     def request_id(self) -> str:
