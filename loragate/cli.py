@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSON {"keys": [{"key", "tenant", "adapters": [...] or "*", "base": true, '
                    '"admin": false}]}: per-customer keys limited to their adapters')
     h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    h.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "llama3_json"],
+                   help='how tool_choice "auto" output is read as tool calls: hermes (<tool_call> blocks; '
+                   'Hermes, Qwen) or llama3_json (Llama 3.1 JSON calls); "required" and named choices '
+                   "are grammar-enforced and work on any model")
     return p
 
 
@@ -142,7 +146,8 @@ def build_configs(args: argparse.Namespace) -> ServeConfig:
         allowed_adapter_dirs=tuple(args.allowed_adapter_dir), tenant_weights=tuple(args.tenant_weight),
     )
     gateway = GatewaySettings(api_keys=tuple(args.api_key), api_keys_file=keys_file,
-                              allowed_adapter_dirs=tuple(args.allowed_adapter_dir))
+                              allowed_adapter_dirs=tuple(args.allowed_adapter_dir),
+                              tool_call_parser=args.tool_call_parser)
     return ServeConfig(engine, gateway, args.host, args.port, args.log_level)
 
 

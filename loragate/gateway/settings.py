@@ -20,6 +20,9 @@ class GatewaySettings:
     max_concurrent_requests: requests the gateway keeps in flight before answering 429
         (None = leave queueing limits to the engine).
     retry_after_seconds: value of the Retry-After header on 429.
+    tool_call_parser: how `tool_choice: "auto"` output is read as calls (gateway/tools/parsers.py).
+    grammar_compile_timeout: seconds a structured-output grammar may take to compile before the
+        request is refused with a 400.
     """
 
     api_keys: tuple[str, ...] = ()
@@ -29,4 +32,6 @@ class GatewaySettings:
     max_concurrent_requests: int | None = None
     retry_after_seconds: int = 1
     system_fingerprint: str = "fp_loragate"
+    tool_call_parser: str = "hermes"
+    grammar_compile_timeout: float = 2.0
     extra: dict[str, Any] = field(default_factory=dict)
