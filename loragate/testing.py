@@ -13,9 +13,24 @@ from pathlib import Path
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 
+# Plain turns render as `<|role|>\ncontent<|end|>\n`. With tools (Hermes style, which the server's
+# default `--tool-call-parser hermes` reads back): a system turn lists them, assistant turns that
+# called tools write `<tool_call>{"name", "arguments"}</tool_call>`, tool results come back as a
+# user turn in <tool_response> tags.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{{ bos_token }}"
+    "{% if tools %}{{ '<|system|>\nYou may call these tools. To call one, answer with <tool_call>"
+    "{\"name\": <tool name>, \"arguments\": <JSON object>}</tool_call>\n' }}"
+    "{% for tool in tools %}{{ (tool.function if tool.function is defined else tool) | tojson }}{{ '\n' }}"
+    "{% endfor %}{{ '<|end|>\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'tool' %}"
+    "{{ '<|user|>\n<tool_response>\n' + message['content'] + '\n</tool_response><|end|>\n' }}"
+    "{% else %}"
+    "{{ '<|' + message['role'] + '|>\n' }}{% if message['content'] is string %}{{ message['content'] }}{% endif %}"
+    "{% for call in message['tool_calls'] or [] %}{{ '<tool_call>' + {'name': call['function']['name'], "
+    "'arguments': call['function']['arguments']} | tojson + '</tool_call>' }}{% endfor %}"
+    "{{ '<|end|>\n' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
