@@ -15,17 +15,27 @@ import torch
 _NEG_INF = float("-inf")
 
 
+def unpack_numpy(bitmask: torch.Tensor, width: int) -> torch.Tensor:
+    """The CPU path (little-endian hosts: byte 0 of a word holds its bits 0-7)."""
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :width]
+    return torch.from_numpy(bits).to(torch.bool)
+
+
+def unpack_torch(bitmask: torch.Tensor, width: int, device: torch.device) -> torch.Tensor:
+    """The device path: the packed words move (4 bytes per 32 tokens) and expand there."""
+    shifts = torch.arange(32, dtype=torch.int32, device=device)
+    words = bitmask.to(device, non_blocking=True)
+    return ((words.unsqueeze(-1) >> shifts) & 1).to(torch.bool).flatten(1)[:, :width]
+
+
 def unpack_bitmask(bitmask: torch.Tensor, vocab: int, device: torch.device) -> torch.Tensor:
     """bool [rows, vocab] from int32 words [rows, words]; columns past 32 * words are False."""
     rows, words = bitmask.shape
     width = min(vocab, 32 * words)
     if device.type == "cpu" and sys.byteorder == "little":
-        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :width]
-        allowed = torch.from_numpy(bits).to(torch.bool)
+        allowed = unpack_numpy(bitmask, width)
     else:
-        shifts = torch.arange(32, dtype=torch.int32, device=device)
-        words_dev = bitmask.to(device, non_blocking=True)
-        allowed = ((words_dev.unsqueeze(-1) >> shifts) & 1).to(torch.bool).flatten(1)[:, :width]
+        allowed = unpack_torch(bitmask, width, device)
     if width < vocab:
         allowed = torch.cat([allowed, allowed.new_zeros(rows, vocab - width)], dim=1)
     return allowed
