@@ -14,6 +14,7 @@ from loragate.gateway.protocol import ChatDelta
 from loragate.gateway.structured import request_constraint
 from loragate.gateway.tools import get_parser, plan_tools, reader_for
 from loragate.gateway.tools.parsers import HermesParser, Llama3JsonParser
+from loragate.gateway.tools.plan import closed_objects
 from loragate.gateway.tools.reader import CallArrayReader, NamedCallReader, ParsedCallReader
 
 TOOLS = {"get_weather", "search"}
@@ -231,6 +232,27 @@ def test_constraint_forms(kw, kind, param):
     assert (c and c.spec.kind, c and c.param) == (kind, param)
 
 
+def test_tool_arguments_are_closed_objects():
+    loose = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}}},
+                                              "c": {"type": "array", "items": {"properties": {"d": {}}}},
+                                              "e": {"anyOf": [{"properties": {}}, {"type": "string"}]},
+                                              "f": {"type": "object"}},
+             "$defs": {"G": {"properties": {"h": {}}}}}
+    closed = closed_objects(loose)
+    assert closed["additionalProperties"] is False
+    props = closed["properties"]
+    assert props["a"]["additionalProperties"] is False and props["c"]["items"]["additionalProperties"] is False
+    assert props["e"]["anyOf"][0]["additionalProperties"] is False and "additionalProperties" not in props["e"]["anyOf"][1]
+    assert "additionalProperties" not in props["f"]  # no declared properties: a free-form object stays free
+    assert closed["$defs"]["G"]["additionalProperties"] is False
+    assert "additionalProperties" not in loose  # the client's schema is not modified
+    open_one = {"type": "object", "properties": {"x": {}}, "additionalProperties": True}
+    assert closed_objects(open_one) == open_one  # an explicit choice is kept
+    jsonschema.validate({"a": {"b": "x"}}, closed)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"a": {"b": "x", "extra": 1}}, closed)
+
+
 def test_required_grammar_describes_valid_calls_only():
     tools = [tool("get_weather", WEATHER), tool("search", {"type": "object", "properties": {"q": {"type": "string"}},
                                                              "required": ["q"]}), tool("noop")]
@@ -252,6 +274,6 @@ def test_required_grammar_describes_valid_calls_only():
             jsonschema.validate(two, schema)
     named = plan_tools(chat_req(tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}}),
                        get_parser("hermes"), None)
-    assert json.loads(named.constraint.spec.value) == WEATHER
+    assert json.loads(named.constraint.spec.value) == {**WEATHER, "additionalProperties": False}
     assert isinstance(reader_for(named), NamedCallReader)
     assert reader_for(plan_tools(chat_req(tools=tools, tool_choice="none"), get_parser("hermes"), None)) is None

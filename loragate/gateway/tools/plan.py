@@ -10,6 +10,11 @@ whether a grammar forces calls, and how the output is read back.
             `parameters` schema: any model, even an untrained one, answers with well-formed calls
   named     {"type": "function", "function": {"name": N}}: a grammar forces exactly the arguments
             object of N
+
+In both forced modes the arguments never carry undeclared keys: an object in `parameters` that
+lists properties and says nothing about additionalProperties is closed, as OpenAI's strict mode
+requires and vLLM's disable_additional_properties does (a function called with an unknown
+keyword fails, and an untrained model would otherwise invent keys until max_tokens).
 """
 from __future__ import annotations
 
@@ -46,6 +51,30 @@ class ToolPlan:
     def forced(self) -> bool:
         """The grammar makes the whole output tool calls (no content)."""
         return self.mode in ("required", "named")
+
+
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def closed_objects(schema: Any) -> Any:
+    """A copy of `schema` where objects that list properties and leave additionalProperties unset
+    get additionalProperties: false."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: closed_objects(v) for k, v in out[key].items()}
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(v) for v in out[key]]
+    for key in ("items", "additionalProperties", "not", "if", "then", "else"):
+        if isinstance(out.get(key), dict):
+            out[key] = closed_objects(out[key])
+    return out
 
 
 def _parameters(fn: dict[str, Any], i: int) -> dict[str, Any]:
@@ -125,11 +154,12 @@ def plan_tools(req: Any, parser: ToolParser, output_constraint: Constraint | Non
     if plan.forced and output_constraint is not None:
         raise bad_request(f"`{output_constraint.param}` and a tool_choice of {mode} both constrain the whole "
                           "output; send one of them", output_constraint.param, "conflicting_constraints")
+    closed = {name: closed_objects(p) for name, p in parameters.items()}
     if mode == "named":
         i = list(parameters).index(named)
-        plan.constraint = Constraint(StructuredSpec.json(parameters[named]), f"tools[{i}].function.parameters")
+        plan.constraint = Constraint(StructuredSpec.json(closed[named]), f"tools[{i}].function.parameters")
     elif mode == "required":
-        plan.constraint = Constraint(StructuredSpec.json(required_schema(parameters, plan.parallel)), "tools")
+        plan.constraint = Constraint(StructuredSpec.json(required_schema(closed, plan.parallel)), "tools")
     elif mode == "auto":
         plan.parser = parser
     return plan
