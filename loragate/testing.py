@@ -13,16 +13,17 @@ from pathlib import Path
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 
-# Plain turns render as `<|role|>\ncontent<|end|>\n`. With tools (Hermes style, which the server's
-# default `--tool-call-parser hermes` reads back): a system turn lists them, assistant turns that
-# called tools write `<tool_call>{"name", "arguments"}</tool_call>`, tool results come back as a
-# user turn in <tool_response> tags.
+# Plain turns render as `<|role|>\ncontent<|end|>\n`. Tool calling is Hermes style, which the
+# server's default `--tool-call-parser hermes` reads back: a system turn names the tools and their
+# arguments (`tools: get_weather(city, days)`; compact, as the demo's context is 256 tokens), an
+# assistant turn that called tools writes `<tool_call>{"name", "arguments"}</tool_call>`, and tool
+# results come back as a user turn in <tool_response> tags.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{% if tools %}{{ '<|system|>\nYou may call these tools. To call one, answer with <tool_call>"
-    "{\"name\": <tool name>, \"arguments\": <JSON object>}</tool_call>\n' }}"
-    "{% for tool in tools %}{{ (tool.function if tool.function is defined else tool) | tojson }}{{ '\n' }}"
-    "{% endfor %}{{ '<|end|>\n' }}{% endif %}"
+    "{% if tools %}{{ '<|system|>\ntools: ' }}{% for tool in tools %}"
+    "{% set fn = tool.function if tool.function is defined else tool %}"
+    "{{ fn.name + '(' + ((fn.parameters or {}).properties or {}) | join(', ') + ')' }}"
+    "{% if not loop.last %}{{ ', ' }}{% endif %}{% endfor %}{{ '<|end|>\n' }}{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'tool' %}"
     "{{ '<|user|>\n<tool_response>\n' + message['content'] + '\n</tool_response><|end|>\n' }}"
