@@ -187,6 +187,18 @@ def test_tool_choice_required_named_and_none(server, model):
     assert none.finish_reason in ("stop", "length")
 
 
+def test_named_tool_with_n_choices_and_logprobs(server):
+    r = client(server).chat.completions.create(
+        model="ad0", messages=user(), tools=TOOLS, tool_choice={"type": "function", "function": {"name": "search"}},
+        n=2, temperature=1.0, seed=8, max_tokens=60, logprobs=True, top_logprobs=2)
+    assert len(r.choices) == 2
+    for ch in r.choices:
+        assert ch.finish_reason == "tool_calls" and len(ch.message.tool_calls) == 1
+        check_call(ch.message.tool_calls[0])
+        assert all(len(lp.top_logprobs) <= 2 for lp in ch.logprobs.content)
+    assert sum(len(ch.logprobs.content) for ch in r.choices) == r.usage.completion_tokens
+
+
 def test_required_with_parallel_calls_validates_every_call(server):
     r = client(server).chat.completions.create(model="ad1", messages=user(), tools=TOOLS, tool_choice="required",
                                                temperature=1.0, seed=9, max_tokens=200)

@@ -25,8 +25,8 @@ class Matcher(Protocol):
     """The parse state of one sequence's output so far."""
 
     def accept(self, token_id: int) -> bool:
-        """Advance by one sampled token; False if the grammar does not allow it (the matcher then
-        stays where it was)."""
+        """Advance by one sampled token; False if the grammar does not allow it (the matcher is
+        then unusable: the engine ends the sequence)."""
 
     def reset(self) -> None:
         """Back to the start, as if no token had been accepted."""
@@ -34,6 +34,9 @@ class Matcher(Protocol):
     @property
     def is_terminated(self) -> bool:
         """The output is complete: the grammar allows no further token (EOS aside)."""
+
+    def is_accepting(self) -> bool:
+        """The output so far is a complete match (it may end here, though it could go on)."""
 
 
 class Grammar(Protocol):
