@@ -7,7 +7,7 @@ import torch
 
 from loragate.engine.sampler import Sampler, SampleRow
 from loragate.engine.sampling_params import SamplingParams
-from loragate.engine.structured.bitmask import TokenBitmask, unpack_bitmask, unpack_numpy, unpack_torch
+from loragate.engine.structured.bitmask import TokenBitmask, blocked_tokens, unpack_bitmask, unpack_numpy, unpack_torch
 
 
 def random_bitmask(rows: int, vocab: int, seed: int = 0, density: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,9 +30,11 @@ def test_unpack_matches_bit_loop_on_both_paths(vocab):
     assert torch.equal(unpack_bitmask(packed, vocab, torch.device("cpu")), allowed)
     if torch.cuda.is_available():
         assert torch.equal(unpack_bitmask(packed, vocab, torch.device("cuda")).cpu(), allowed)
+    assert torch.equal(blocked_tokens(packed, vocab, torch.device("cpu")), ~allowed)
     # a logits row wider than the mask (padded lm_head): the extra columns are never allowed
     wide = unpack_bitmask(packed, 32 * packed.shape[1] + 5, torch.device("cpu"))
     assert not wide[:, vocab:].any() and torch.equal(wide[:, :vocab], allowed)
+    assert torch.equal(blocked_tokens(packed, 32 * packed.shape[1] + 5, torch.device("cpu")), ~wide)
 
 
 def test_mask_only_on_constrained_rows_and_before_bias_and_temperature():

@@ -1,8 +1,10 @@
 """Applying a packed token bitmask to the step's logits (the constrained rows only).
 
-On the CPU the int32 words are unpacked with numpy's `unpackbits` (one C pass: ~1.5 MB of bools
-for 32 rows of a 49k vocabulary); elsewhere the bitmask moves to the device and is expanded with
-shifts there. Both give `allowed[r, t] = bit t % 32 of word t // 32`, tested against each other.
+The mask is inverted while still packed (4 bytes per 32 tokens), so unpacking yields the blocked
+tokens directly. On the CPU the words are unpacked with numpy's `unpackbits` (one C pass) and the
+resulting 0/1 bytes are viewed as torch bools without a copy; elsewhere the packed words move to the
+device and are expanded with shifts there. Both give `bit t % 32 of word t // 32` for token t,
+tested against each other and a per-bit loop.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ _NEG_INF = float("-inf")
 def unpack_numpy(bitmask: torch.Tensor, width: int) -> torch.Tensor:
     """The CPU path (little-endian hosts: byte 0 of a word holds its bits 0-7)."""
     bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :width]
-    return torch.from_numpy(bits).to(torch.bool)
+    return torch.from_numpy(bits).view(torch.bool)  # the bytes are 0 or 1: valid bools as they are
 
 
 def unpack_torch(bitmask: torch.Tensor, width: int, device: torch.device) -> torch.Tensor:
@@ -28,17 +30,27 @@ def unpack_torch(bitmask: torch.Tensor, width: int, device: torch.device) -> tor
     return ((words.unsqueeze(-1) >> shifts) & 1).to(torch.bool).flatten(1)[:, :width]
 
 
-def unpack_bitmask(bitmask: torch.Tensor, vocab: int, device: torch.device) -> torch.Tensor:
-    """bool [rows, vocab] from int32 words [rows, words]; columns past 32 * words are False."""
+def _unpack(bitmask: torch.Tensor, vocab: int, device: torch.device, beyond: bool) -> torch.Tensor:
     rows, words = bitmask.shape
     width = min(vocab, 32 * words)
     if device.type == "cpu" and sys.byteorder == "little":
-        allowed = unpack_numpy(bitmask, width)
+        bits = unpack_numpy(bitmask, width)
     else:
-        allowed = unpack_torch(bitmask, width, device)
+        bits = unpack_torch(bitmask, width, device)
     if width < vocab:
-        allowed = torch.cat([allowed, allowed.new_zeros(rows, vocab - width)], dim=1)
-    return allowed
+        bits = torch.cat([bits, torch.full((rows, vocab - width), beyond, dtype=torch.bool, device=bits.device)], 1)
+    return bits
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab: int, device: torch.device) -> torch.Tensor:
+    """Allowed tokens, bool [rows, vocab], from int32 words [rows, words]; columns past
+    32 * words are not allowed."""
+    return _unpack(bitmask, vocab, device, beyond=False)
+
+
+def blocked_tokens(bitmask: torch.Tensor, vocab: int, device: torch.device) -> torch.Tensor:
+    """The complement of `unpack_bitmask`, computed without a pass over the unpacked matrix."""
+    return _unpack(torch.bitwise_not(bitmask), vocab, device, beyond=True)
 
 
 @dataclass
@@ -51,9 +63,9 @@ class TokenBitmask:
 
     def apply(self, logits: torch.Tensor) -> None:
         """Set disallowed tokens of the constrained rows to -inf, in place on float logits [B, V]."""
-        allowed = unpack_bitmask(self.bitmask, logits.shape[-1], logits.device)
+        blocked = blocked_tokens(self.bitmask, logits.shape[-1], logits.device)
         if len(self.rows) == logits.shape[0] and self.rows == list(range(len(self.rows))):
-            logits.masked_fill_(~allowed, _NEG_INF)
+            logits.masked_fill_(blocked, _NEG_INF)
             return
         idx = torch.tensor(self.rows, dtype=torch.long).to(logits.device)
-        logits[idx] = logits[idx].masked_fill_(~allowed, _NEG_INF)
+        logits[idx] = logits[idx].masked_fill_(blocked, _NEG_INF)
