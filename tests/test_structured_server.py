@@ -137,7 +137,8 @@ def test_json_object_mode_gives_an_object_or_a_valid_prefix(server):
      lambda t: re.fullmatch(r"\([0-9](,[0-9])*\)", t)),
     ({"guided_grammar": 'root ::= ("ab" | "cd")+'}, lambda t: re.fullmatch(r"(ab|cd)+", t)),
     ({"guided_json": WEATHER}, lambda t: jsonschema.validate(json.loads(t), WEATHER) is None),
-    ({"structured_outputs": {"json": json.dumps(SEARCH)}}, lambda t: jsonschema.validate(json.loads(t), SEARCH) is None),
+    ({"structured_outputs": {"json": json.dumps(SEARCH)}},
+     lambda t: jsonschema.validate(json.loads(t), SEARCH) is None),
 ])
 def test_vllm_constraints_on_chat_and_completions(server, extra, check):
     c = client(server)
@@ -327,11 +328,13 @@ def test_langchain_bind_tools_any_then_tool_message(server):
                      max_retries=0)
     messages = [HumanMessage("weather in tokyo?")]
     ai = llm.bind_tools([get_weather], tool_choice="any", parallel_tool_calls=False).invoke(messages)
-    assert [tc["name"] for tc in ai.tool_calls] == ["get_weather"] and ai.response_metadata["finish_reason"] == "tool_calls"
+    assert [tc["name"] for tc in ai.tool_calls] == ["get_weather"]
+    assert ai.response_metadata["finish_reason"] == "tool_calls"
     assert ai.tool_calls[0]["args"]["city"] in ("paris", "tokyo")
     messages += [ai, ToolMessage(get_weather.invoke(ai.tool_calls[0]["args"]), tool_call_id=ai.tool_calls[0]["id"])]
     final = llm.bind_tools([get_weather]).invoke(messages)
-    assert isinstance(final.content, str) and final.response_metadata["finish_reason"] in ("stop", "length", "tool_calls")
+    assert isinstance(final.content, str)
+    assert final.response_metadata["finish_reason"] in ("stop", "length", "tool_calls")
     streamed = list(llm.bind_tools([get_weather], tool_choice="get_weather").stream(messages[:1]))
     merged = streamed[0]
     for chunk in streamed[1:]:

@@ -242,7 +242,8 @@ def test_tool_arguments_are_closed_objects():
     assert closed["additionalProperties"] is False
     props = closed["properties"]
     assert props["a"]["additionalProperties"] is False and props["c"]["items"]["additionalProperties"] is False
-    assert props["e"]["anyOf"][0]["additionalProperties"] is False and "additionalProperties" not in props["e"]["anyOf"][1]
+    assert props["e"]["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in props["e"]["anyOf"][1]
     assert "additionalProperties" not in props["f"]  # no declared properties: a free-form object stays free
     assert closed["$defs"]["G"]["additionalProperties"] is False
     assert "additionalProperties" not in loose  # the client's schema is not modified
