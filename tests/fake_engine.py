@@ -22,7 +22,7 @@ from loragate.engine.errors import (
     PromptTooLongError,
     QueueFullError,
 )
-from loragate.engine.outputs import AdapterStats, EngineRequest, EngineStats, RequestOutput, TokenLogprob
+from loragate.engine.outputs import AdapterStats, EngineRequest, EngineStats, LoraState, RequestOutput, TokenLogprob
 
 WORDS = ("alpha beta gamma delta lorem ipsum adapter token stream gateway batch kernel cache "
          "quick brown fox jumps over lazy dog hello world").split()
@@ -91,6 +91,8 @@ class FakeEngine:
     fail_after: int | None = None  # emit a finish_reason="error" output after this many tokens
     chat_template: bool = True
     compile_hangs: bool = False  # compile_grammar never returns (drives the gateway's compile time limit)
+    block_size: int = 16
+    max_loras: int = 4
 
     def __post_init__(self) -> None:
         self.config = FakeConfig(self.model_name, self.model_name)
@@ -131,9 +133,11 @@ class FakeEngine:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         if not p.ignore_eos:
             ids.append(2)
-        else:
-            while len(ids) < p.max_tokens:
-                ids += self.tokenizer.encode(" " + rng.choice(WORDS), add_special_tokens=False)
+        else:  # a block of words repeated: cheap even for millions of tokens
+            block: list[int] = []
+            for _ in range(64):
+                block += self.tokenizer.encode(" " + rng.choice(WORDS), add_special_tokens=False)
+            ids += block * (max(0, p.max_tokens - len(ids)) // len(block) + 1)
         return ids
 
     def _check(self, req: EngineRequest) -> None:
@@ -245,3 +249,8 @@ class FakeEngine:
 
     def stats(self) -> EngineStats:
         return EngineStats(len(self.running), 0, len(self.running) * 2, 100, self.steps, self.is_alive)
+
+    async def lora_state(self) -> LoraState:
+        """Adapters with a running request count as resident (the fake has no slots)."""
+        running = tuple(sorted(n for n, a in self._adapters.items() if a.running))
+        return LoraState(running, (), self.max_loras)

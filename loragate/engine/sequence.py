@@ -15,6 +15,7 @@ import torch
 
 from loragate.engine.detokenizer import TextStream
 from loragate.engine.outputs import EngineRequest
+from loragate.engine.prefix_cache import PrefixState
 
 if TYPE_CHECKING:
     from loragate.engine.structured.runtime import SequenceGrammar
@@ -43,6 +44,8 @@ class Sequence:
     first_token_at: float | None = None
     preemptions: int = 0
     grammar: SequenceGrammar | None = None  # set when the request is constrained (structured outputs)
+    prefix: PrefixState = field(default_factory=PrefixState)  # its place in the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens the first admission found cached (usage reports them)
 
     @property
     def request_id(self) -> str:
