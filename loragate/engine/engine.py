@@ -265,4 +265,5 @@ class Engine:
         return RequestOutput(seq.request_id, toks, delta, finished=True, finish_reason=reason, new_logprobs=lps,
                              prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
                              error=error, queue_time=seq.waited, first_token_time=seq.first_token_at,
-                             error_kind=error_kind, cached_tokens=seq.num_cached_tokens)
+                             error_kind=error_kind, cached_tokens=seq.num_cached_tokens,
+                             grammar_complete=seq.grammar is not None and seq.grammar.terminated)
