@@ -303,3 +303,34 @@ def test_compile_cache_is_keyed_by_grammar_text(engine):
         "zz": {"type": "boolean"}}}, separators=(",", ":")))) is first
     assert compiler.hits == hits + 1
     assert first.result(timeout=30) is compiler.submit(spec).result(timeout=30)
+
+
+def test_prefix_cache_hits_keep_constrained_answers(base, adapters, prompts):
+    """Prefix caching is on by default: a constrained request whose prompt is already cached (a
+    repeat, and a longer prompt sharing its blocks) answers exactly as without the cache, validated."""
+    shared = [t for p in prompts for t in p][:32]  # 8 full blocks of 4 tokens
+    assert len(shared) == 32
+    spec = StructuredSpec.json(SCHEMAS[1])
+
+    def run(eng):
+        first = request(shared, adapter="s0", max_tokens=MAX_TOKENS, structured=spec)
+        again = [request(shared, adapter="s0", max_tokens=MAX_TOKENS, structured=spec),
+                 request(shared + prompts[1], adapter="s0", max_tokens=MAX_TOKENS, structured=spec, temperature=1.0,
+                         seed=3)]
+        outs = run_to_completion(eng, {0: [first]})
+        outs.update(run_to_completion(eng, {0: again}))
+        return [(text(outs[r.request_id]), outs[r.request_id][-1].finish_reason, outs[r.request_id][-1].cached_tokens)
+                for r in [first, *again]]
+
+    cached = make_engine(base, adapters=(("s0", str(adapters["s0"])),), max_model_len=512)
+    plain = make_engine(base, adapters=(("s0", str(adapters["s0"])),), max_model_len=512, enable_prefix_caching=False)
+    try:
+        got, ref = run(cached), run(plain)
+    finally:
+        cached.shutdown()
+        plain.shutdown()
+    assert got[0][2] == 0 and got[1][2] >= 28 and got[2][2] >= 28  # the repeats found the prompt's blocks
+    assert [g[:2] for g in got] == [r[:2] for r in ref]
+    for t, reason, _ in got:
+        assert reason == "stop"
+        jsonschema.validate(json.loads(t), SCHEMAS[1])
