@@ -404,3 +404,79 @@ def test_compile_time_limit_is_a_400_and_stalls_nobody():
             assert r.status_code == 400
             assert r.json()["error"]["param"] == "guided_json" and r.json()["error"]["code"] == "grammar_too_complex"
         assert not engine.requests or all(q.params.structured is None for q in engine.requests)
+
+
+# ---------------------------------------------------------------------------------------------- fuzzing
+def test_openapi_document_declares_the_new_fields(server):
+    schemas = httpx.get(server["url"] + "/openapi.json").json()["components"]["schemas"]
+    chat, completion = schemas["ChatCompletionRequest"]["properties"], schemas["CompletionRequest"]["properties"]
+    constraints = {"structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                   "response_format"}
+    assert constraints | {"tools", "tool_choice", "parallel_tool_calls"} <= set(chat)
+    assert constraints <= set(completion)
+    assert {"tool_calls", "tool_call_id"} <= set(schemas["ChatMessage"]["properties"])
+    assert "tool_calls" in schemas["ChatResponseMessage"]["properties"]
+    assert "response_format" in schemas["LoraxParameters"]["properties"]
+
+
+_KEYWORDS = ["type", "properties", "items", "enum", "const", "required", "pattern", "minimum", "maximum",
+             "maxLength", "minLength", "minItems", "maxItems", "additionalProperties", "anyOf", "oneOf", "$ref",
+             "format", "$defs", "not", "if", "then", "x"]
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False),
+                     st.sampled_from(["object", "string", "integer", "array", "boolean", "null", "number",
+                                      "#/$defs/a", "#", "^a+$", "(?=x)", "[", "date-time"]),
+                     st.text(max_size=8))
+    return st.recursive(leaf, lambda kids: st.one_of(st.lists(kids, max_size=4),
+                                                     st.dictionaries(st.sampled_from(_KEYWORDS), kids, max_size=4)),
+                        max_leaves=12)
+
+
+@pytest.mark.slow
+def test_random_constraints_never_cause_a_server_error(server):
+    """Hypothesis-made schemas, regexes, grammars, choices and tools in every constraint field, on
+    chat, completions and LoRAX's /generate: the answer is a 200 or a 400/422 naming a field, never a
+    5xx, and the server keeps answering."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    text = st.text(max_size=30)
+    value = _json_values()
+    field = st.one_of(
+        st.tuples(st.just("response_format"), st.fixed_dictionaries({
+            "type": st.sampled_from(["json_schema", "json_object", "text", "yaml"]),
+            "json_schema": st.one_of(value, st.fixed_dictionaries({"name": text, "schema": value}))})),
+        st.tuples(st.sampled_from(["guided_json", "guided_regex", "guided_grammar", "guided_choice"]),
+                  st.one_of(value, text)),
+        st.tuples(st.just("structured_outputs"), st.dictionaries(
+            st.sampled_from(["json", "regex", "choice", "grammar", "json_object", "other"]),
+            st.one_of(value, text), max_size=2)),
+        st.tuples(st.just("tools"), st.lists(st.fixed_dictionaries({
+            "type": st.sampled_from(["function", "other"]),
+            "function": st.one_of(value, st.fixed_dictionaries({"name": text, "parameters": value}))}), max_size=2)),
+        st.tuples(st.just("tool_choice"), st.one_of(value, st.sampled_from(["auto", "none", "required"]))),
+    )
+    seen: set[int] = set()
+
+    @settings(max_examples=120, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(kv=field, route=st.sampled_from(["chat", "completions", "lorax"]))
+    def run(kv, route):
+        name, val = kv
+        if route == "chat":
+            r = post(server, "/v1/chat/completions", {"model": "ad1", "messages": user(), "max_tokens": 3, name: val})
+        elif route == "completions":
+            r = post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 3, name: val})
+        else:
+            r = post(server, "/generate", {"inputs": "x", "parameters": {"max_new_tokens": 3, "response_format": val}})
+        seen.add(r.status_code)
+        assert r.status_code in (200, 400, 422), (route, name, val, r.status_code, r.text[:300])
+        if r.status_code == 400:
+            assert r.json()["error"]["param"], r.text
+    run()
+    assert 200 in seen and (400 in seen or 422 in seen)
+    assert post(server, "/v1/chat/completions", {"model": "ad0", "messages": user(), "max_tokens": 2}).status_code == 200
