@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSON {"keys": [{"key", "tenant", "adapters": [...] or "*", "base": true, '
                    '"admin": false}]}: per-customer keys limited to their adapters')
     h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    h.add_argument("--tool-call-parser", default="hermes", choices=["hermes", "llama3_json"],
+                   help='how tool_choice "auto" output is read as tool calls: hermes (<tool_call> blocks; '
+                   'Hermes, Qwen) or llama3_json (Llama 3.1 JSON calls); "required" and named choices '
+                   "are grammar-enforced and work on any model")
     r = s.add_argument_group("scale-out on Ray Serve (pip install 'loragate[ray]')")
     r.add_argument("--ray-replicas", type=int, default=0, metavar="N",
                    help="run N engine replicas behind one OpenAI-compatible ingress on Ray Serve, adapter "
@@ -218,6 +222,7 @@ def build_configs(args: argparse.Namespace) -> ServeConfig:
     )
     gateway = GatewaySettings(api_keys=tuple(args.api_key), api_keys_file=keys_file,
                               allowed_adapter_dirs=tuple(args.allowed_adapter_dir),
+                              tool_call_parser=args.tool_call_parser,
                               max_request_bytes=args.max_request_bytes, max_waiting=args.max_waiting or None,
                               shutdown_timeout=args.shutdown_timeout, metrics_auth=args.metrics_auth)
     return ServeConfig(engine, gateway, args.host, args.port, args.log_level)

@@ -13,9 +13,25 @@ from pathlib import Path
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 
+# Plain turns render as `<|role|>\ncontent<|end|>\n`. Tool calling is Hermes style, which the
+# server's default `--tool-call-parser hermes` reads back: a system turn names the tools and their
+# arguments (`tools: get_weather(city, days)`; compact, as the demo's context is 256 tokens), an
+# assistant turn that called tools writes `<tool_call>{"name", "arguments"}</tool_call>`, and tool
+# results come back as a user turn in <tool_response> tags.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{{ bos_token }}"
+    "{% if tools %}{{ '<|system|>\ntools: ' }}{% for tool in tools %}"
+    "{% set fn = tool.function if tool.function is defined else tool %}"
+    "{{ fn.name + '(' + ((fn.parameters or {}).properties or {}) | join(', ') + ')' }}"
+    "{% if not loop.last %}{{ ', ' }}{% endif %}{% endfor %}{{ '<|end|>\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'tool' %}"
+    "{{ '<|user|>\n<tool_response>\n' + message['content'] + '\n</tool_response><|end|>\n' }}"
+    "{% else %}"
+    "{{ '<|' + message['role'] + '|>\n' }}{% if message['content'] is string %}{{ message['content'] }}{% endif %}"
+    "{% for call in message['tool_calls'] or [] %}{{ '<tool_call>' + {'name': call['function']['name'], "
+    "'arguments': call['function']['arguments']} | tojson + '</tool_call>' }}{% endfor %}"
+    "{{ '<|end|>\n' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 

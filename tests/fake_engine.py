@@ -55,7 +55,7 @@ class FakeTokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         return self.token_text(token_id).encode("utf-8")
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> list[int]:
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template")
         text = "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in messages)
@@ -90,6 +90,7 @@ class FakeEngine:
     queue_full: bool = False
     fail_after: int | None = None  # emit a finish_reason="error" output after this many tokens
     chat_template: bool = True
+    compile_hangs: bool = False  # compile_grammar never returns (drives the gateway's compile time limit)
     block_size: int = 16
     max_loras: int = 4
 
@@ -104,6 +105,7 @@ class FakeEngine:
         self.finished: list[str] = []
         self.requests: list[EngineRequest] = []
         self.steps = 0
+        self.compiled: list = []  # StructuredSpecs the gateway asked to compile
 
     # ---- lifecycle ----
     @property
@@ -148,6 +150,11 @@ class FakeEngine:
             raise PromptTooLongError("prompt too long")
         if req.adapter is not None and req.adapter not in self._adapters:
             raise AdapterNotFoundError(f"adapter {req.adapter!r} not found")
+
+    async def compile_grammar(self, spec) -> None:
+        self.compiled.append(spec)
+        if self.compile_hangs:
+            await asyncio.Event().wait()
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         self._check(request)

@@ -220,6 +220,26 @@ def test_metrics_aggregate_and_per_replica(cluster):
     assert resident_series == {(rid, a) for rid, r in live.items() for a in r.resident}
 
 
+def test_structured_outputs_through_the_cluster(cluster):
+    """A constraint is checked at the ingress (a bad one is a 400, never a replica failure) and
+    enforced on the replica: the answer validates against the schema."""
+    import jsonschema
+
+    url = cluster["url"]
+    schema = {"type": "object", "required": ["tag", "n"], "additionalProperties": False, "properties": {
+        "tag": {"enum": ["x", "y"]}, "n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    client = openai.OpenAI(base_url=url + "/v1", api_key=ADMIN, max_retries=0, timeout=60)
+    for model in ("tiny", "a1"):
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=60,
+                                           response_format={"type": "json_schema", "json_schema": {
+                                               "name": "t", "schema": schema}})
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    bad = httpx.post(url + "/v1/completions", headers=HEADERS, timeout=60,
+                     json={"model": "a1", "prompt": "x", "max_tokens": 4, "guided_regex": "(unclosed"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "guided_regex"
+
+
 def test_client_disconnect_aborts_on_the_replica(cluster):
     url = cluster["url"]
     home = locate(cluster, "a2")

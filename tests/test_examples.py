@@ -135,6 +135,35 @@ def test_startup_summary_and_health_name_the_dtype_and_why(server):
     assert f"compute dtype {expected.name} on cpu ({expected.reason})" in server["log"].read_text()
 
 
+def labelled(output: str) -> dict[str, str]:
+    """'label: value' lines of an example's output."""
+    return dict(line.split(": ", 1) for line in output.splitlines() if ": " in line)
+
+
+def test_structured_output(server):
+    out = labelled(run(server, sys.executable, str(EXAMPLES / "structured_output.py")))
+    for model in ("loragate-demo", "shout"):
+        ticket = json.loads(out[model])
+        assert set(ticket) == {"title", "priority", "urgent", "estimate_hours"}
+        assert isinstance(ticket["title"], str) and len(ticket["title"]) <= 20
+        assert ticket["priority"] in ("low", "medium", "high") and isinstance(ticket["urgent"], bool)
+        assert isinstance(ticket["estimate_hours"], int) and 1 <= ticket["estimate_hours"] <= 40
+    assert out["choice"] in ("cat", "moon", "river")
+    assert re.fullmatch(r"[a-z]{1,8}-[0-9]{3}", out["regex"])
+
+
+def test_langchain_tools(server):
+    out = labelled(run(server, sys.executable, str(EXAMPLES / "langchain_tools.py")))
+    name, args = out["tool call"].split(" ", 1)
+    args = json.loads(args)
+    assert name == "get_weather" and args["city"] in ("paris", "tokyo", "lima") and args["days"] in (1, 2, 3)
+    assert out["tool result"] == f"sunny in {args['city']} for the next {args['days']} day(s)"
+    assert "final answer" in out
+    for method in ("function_calling", "json_schema"):
+        forecast = json.loads(out[f"structured ({method})"])
+        assert forecast["city"] in ("paris", "tokyo", "lima") and 1 <= forecast["days"] <= 3
+
+
 def test_lorax_client(server):
     if not os.environ.get("CI"):  # installed with --no-deps (README, .ci/run); CI fails without it
         pytest.importorskip("lorax")

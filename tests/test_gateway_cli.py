@@ -78,6 +78,14 @@ def test_tenant_weights_reach_the_engine_config(tmp_path):
         build_parser().parse_args(["serve", "--tenant-weight", "acme=-1"])
 
 
+def test_tool_call_parser_flag(tmp_path):
+    assert build_configs(build_parser().parse_args(["serve", "--model", str(tmp_path)])).gateway.tool_call_parser \
+        == "hermes"
+    cfg = build_configs(build_parser().parse_args(["serve", "--model", str(tmp_path), "--tool-call-parser",
+                                                   "llama3_json"]))
+    assert cfg.gateway.tool_call_parser == "llama3_json"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--tool-call-parser", "nope"])
 def test_remote_adapter_source_flags(tmp_path):
     args = build_parser().parse_args([
         "serve", "--model", str(tmp_path), "--adapter-source", "local,hub,s3", "--adapter-cache-dir", "/dl",

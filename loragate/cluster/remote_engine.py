@@ -35,6 +35,9 @@ from loragate.engine.config import EngineConfig
 from loragate.engine.errors import EngineError
 from loragate.engine.model.config import ModelConfig
 from loragate.engine.outputs import AdapterStats, EngineRequest, EngineStats, LoraState, RequestOutput
+from loragate.engine.structured import StructuredSpec
+from loragate.engine.structured.compiler import GrammarCompiler
+from loragate.engine.structured.llg import LLGuidanceBackend
 from loragate.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("loragate.cluster")
@@ -53,7 +56,8 @@ class RemoteEngine:
         self.cluster = cluster
         self.model_name = config.served_model_name or Path(config.model).name
         self.tokenizer = Tokenizer.from_pretrained(config.model)
-        self.max_model_len = config.max_model_len or ModelConfig.from_dir(Path(config.model)).max_position_embeddings
+        mc = ModelConfig.from_dir(Path(config.model))
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
         self.block_size = config.block_size
         self.registry = AdapterRegistry(config.adapters, config.adapter_dir, config.allowed_adapter_dirs)
         self._replicas = replicas
@@ -62,6 +66,10 @@ class RemoteEngine:
         self.reports: list[ReplicaReport] = []
         self.routed: Counter[tuple[str, str]] = Counter()  # (replica, adapter or "") -> requests
         self.retries = 0
+        # structured outputs: the ingress compiles constraints itself (same tokenizer and EOS as the
+        # replicas), so a bad grammar is a 400 here before any replica sees it, as on one server
+        eos = sorted(set(self.tokenizer.eos_token_ids) | set(mc.eos_token_ids))
+        self._grammars = GrammarCompiler(lambda: LLGuidanceBackend.create(self.tokenizer, mc.vocab_size, eos))
 
     # ---- lifecycle -------------------------------------------------------------------------
     @property
@@ -76,6 +84,7 @@ class RemoteEngine:
         if self._poller is not None:
             self._poller.cancel()
             self._poller = None
+        self._grammars.shutdown()
 
     async def refresh(self) -> None:
         """Read the replicas' latest reports from the board now."""
@@ -92,6 +101,13 @@ class RemoteEngine:
                 log.warning("could not read the replicas' reports: %s", exc)
 
     # ---- requests --------------------------------------------------------------------------
+    async def compile_grammar(self, spec: StructuredSpec) -> None:
+        """As `AsyncEngine.compile_grammar`, on the ingress's own compiler threads (raises
+        GrammarError); the replica that runs the request compiles it again, from its own cache."""
+        inner = asyncio.wrap_future(self._grammars.submit(spec))
+        inner.add_done_callback(lambda f: f.cancelled() or f.exception())
+        await asyncio.shield(inner)
+
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         """Stream the request from a replica; closing the iterator cancels the call, which aborts
         the request on its replica."""

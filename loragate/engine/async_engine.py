@@ -28,6 +28,7 @@ from loragate.engine.errors import (
     QueueFullError,
 )
 from loragate.engine.outputs import AdapterStats, EngineRequest, EngineStats, LoraState, RequestOutput
+from loragate.engine.structured.spec import StructuredSpec
 
 log = logging.getLogger("loragate.engine")
 
@@ -71,6 +72,7 @@ class AsyncEngine:
             return
         if self.engine.adapters is not None:
             self.engine.adapters.on_change = self._wake.set
+        self.engine.structured.compiler.on_ready = self._wake.set  # a waiting request's grammar is ready
         self.engine.start()
         self._thread = threading.Thread(target=self._run, name="loragate-engine", daemon=True)
         self._thread.start()
@@ -172,6 +174,16 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.abort(request.request_id)
+
+    async def compile_grammar(self, spec: StructuredSpec) -> None:
+        """Compile `spec` (or find it in the cache) on the engine's grammar threads; raises
+        GrammarError when it is invalid. The gateway awaits this, under its own time limit, before
+        submitting a constrained request: a bad grammar becomes a 400 before any engine work, and
+        the engine then finds the grammar compiled when it admits the request. Cancelling the wait
+        leaves the compile running (and cached) for whoever asks next."""
+        inner = asyncio.wrap_future(self.engine.structured.compiler.submit(spec))
+        inner.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, never logged
+        await asyncio.shield(inner)
 
     def _add(self, request: EngineRequest) -> None:
         try:

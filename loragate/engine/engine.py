@@ -36,6 +36,8 @@ from loragate.engine.outputs import EngineRequest, EngineStats, LoraState, Reque
 from loragate.engine.sampler import Sampler, SampleRow, make_generator
 from loragate.engine.scheduler import Scheduler
 from loragate.engine.sequence import Sequence, SeqState
+from loragate.engine.structured.llg import LLGuidanceBackend
+from loragate.engine.structured.runtime import StructuredRuntime
 from loragate.engine.tokenizer import Tokenizer
 from loragate.kernels import native
 
@@ -108,6 +110,9 @@ class Engine:
         self.policy = make_policy(config.fairness, dict(config.tenant_weights) or None)
         self.scheduler = Scheduler(config, self.kv, self.policy, self.adapters)
         self.sampler = Sampler(mc.vocab_size, seed=config.seed)
+        # grammars compile on the runtime's own threads (the llguidance vocabulary is built there too)
+        self.structured = StructuredRuntime(
+            lambda: LLGuidanceBackend.create(self.tokenizer, mc.vocab_size, sorted(self.eos_ids)))
         self.seqs: dict[str, Sequence] = {}
         self.num_steps = 0
 
@@ -121,6 +126,7 @@ class Engine:
     def shutdown(self) -> None:
         if self.adapters is not None:
             self.adapters.shutdown()
+        self.structured.shutdown()
 
     # ---- requests --------------------------------------------------------------------------
     def check_request(self, req: EngineRequest) -> None:
@@ -151,6 +157,8 @@ class Engine:
         gen = make_generator(req.params.seed, self.device) if req.params.seed is not None else None
         client = req.tenant or req.adapter or "base"
         seq = Sequence(request=req, client=client, text=text, generator=gen)
+        if req.params.structured is not None:
+            seq.grammar = self.structured.attach(req.params.structured)  # compiles off the loop
         self.seqs[req.request_id] = seq
         self.scheduler.add(seq)
 
@@ -212,7 +220,7 @@ class Engine:
         if not sampled:
             return outputs
         rows = [SampleRow(q.request.params, q.prompt_ids, q.output_ids, q.generator) for q in sampled]
-        result = self.sampler(logits, rows)
+        result = self.sampler(logits, rows, self.structured.bitmask(sampled))
         now = time.monotonic()
         for seq, tok, lp in zip(sampled, result.token_ids, result.logprobs):
             outputs.append(self._append(seq, tok, lp, now))
@@ -220,6 +228,8 @@ class Engine:
 
     def _append(self, seq: Sequence, tok: int, lp: TokenLogprob | None, now: float) -> RequestOutput:
         params = seq.request.params
+        if seq.grammar is not None and not seq.grammar.accept(tok):
+            return self._finish_refused(seq)
         seq.output_ids.append(tok)
         self.policy.charge(seq.client, output_tokens=1)
         if seq.first_token_at is None:
@@ -227,7 +237,8 @@ class Engine:
         is_eos = tok in self.eos_ids and not params.ignore_eos
         delta, stopped = ("", False) if is_eos else seq.text.push(tok)
         reason = None
-        if stopped or is_eos or tok in params.stop_token_ids:
+        complete = seq.grammar is not None and seq.grammar.terminated  # the grammar allows nothing more
+        if stopped or is_eos or complete or tok in params.stop_token_ids:
             reason = "stop"
         elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
@@ -243,6 +254,14 @@ class Engine:
         self.scheduler.remove(seq)
         return self._final(seq, reason, delta, [tok], lps)
 
+    def _finish_refused(self, seq: Sequence) -> RequestOutput:
+        """The grammar allowed no token of the vocabulary at all (every logit was masked): end
+        with the valid output so far rather than emit a token outside the grammar."""
+        delta = seq.text.finish()
+        self.seqs.pop(seq.request_id, None)
+        self.scheduler.remove(seq)
+        return self._final(seq, "stop", delta, [])
+
     def _final(self, seq: Sequence, reason: str, delta: str, toks: list[int],
                lps: list[TokenLogprob] | None = None, error: str | None = None,
                error_kind: str | None = None) -> RequestOutput:
@@ -251,4 +270,5 @@ class Engine:
         return RequestOutput(seq.request_id, toks, delta, finished=True, finish_reason=reason, new_logprobs=lps,
                              prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
                              error=error, queue_time=seq.waited, first_token_time=seq.first_token_at,
-                             error_kind=error_kind, cached_tokens=seq.num_cached_tokens)
+                             error_kind=error_kind, cached_tokens=seq.num_cached_tokens,
+                             grammar_complete=seq.grammar is not None and seq.grammar.terminated)

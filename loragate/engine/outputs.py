@@ -48,6 +48,9 @@ class RequestOutput:
     # "adapter_not_found" (deleted before the request reached the engine); None = a server fault
     error_kind: str | None = None
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (whole blocks)
+    # structured outputs: the grammar was complete when the request finished (its answer, not a stop
+    # string, ended it; LoRAX reports that as `eos_token`, the end its constrained decoding emits)
+    grammar_complete: bool = False
 
 
 @dataclass

@@ -7,6 +7,8 @@ only where they cannot be avoided: gathering each row's token lists into index t
 drawing a seeded row's noise from its own generator.
 
 Order of operations (float32 throughout):
+  0. the grammar bitmask of constrained rows (structured outputs): disallowed tokens become -inf
+     first, so no later stage (bias, penalties, temperature, truncation) can bring one back
   1. logit_bias
   2. repetition penalty (HF: prompt + output), then presence/frequency (OpenAI: output only)
   3. logprobs = log_softmax of the result of 2 — i.e. the model's distribution after the
@@ -28,6 +30,7 @@ import torch
 
 from loragate.engine.outputs import TokenLogprob
 from loragate.engine.sampling_params import SamplingParams
+from loragate.engine.structured.bitmask import TokenBitmask
 from loragate.kernels.elementwise import argmax_rows_native, use_native
 
 _NEG_INF = float("-inf")
@@ -272,21 +275,25 @@ class Sampler:
                 noise[i].exponential_(generator=g)
         return noise.clamp_min_(_MIN_NOISE)
 
-    def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow],
+                 allowed: TokenBitmask | None = None) -> SamplerOutput:
         """logits: [B, V'] of any float dtype/device, one row per entry of `rows`. Columns past
-        `vocab_size` (a padded lm_head) are never sampled."""
+        `vocab_size` (a padded lm_head) are never sampled. `allowed`: the grammar bitmask of the
+        constrained rows, if any."""
         if logits.shape[0] != len(rows):
             raise ValueError(f"logits has {logits.shape[0]} rows but {len(rows)} sample rows were given")
         if not rows:
             return SamplerOutput([], [])
         logits = logits[:, : self.vocab_size]
         params = [r.params for r in rows]
-        if all(_is_plain_greedy(p) for p in params):
+        if allowed is None and all(_is_plain_greedy(p) for p in params):
             return SamplerOutput(first_argmax(logits), [None] * len(rows))
 
         device = logits.device
         B, V = logits.shape
         x = logits.to(dtype=torch.float32, copy=True)
+        if allowed is not None:
+            allowed.apply(x)
         apply_logit_bias(x, rows)
         apply_penalties(x, rows)
 
@@ -338,6 +345,7 @@ class Sampler:
             out[i] = TokenLogprob(
                 token_id=token_list[i],
                 logprob=chosen[j],
-                top=list(zip(top_i[j][:k], top_v[j][:k])),
+                # tokens a grammar masked out are not alternatives (and -inf is not valid JSON)
+                top=[(t, v) for t, v in zip(top_i[j][:k], top_v[j][:k]) if v != _NEG_INF],
             )
         return out

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from loragate.engine.structured.spec import StructuredSpec
+
 MAX_LOGPROBS = 20
 
 
@@ -29,6 +31,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    # constrain the output to a JSON schema, regex, choice or grammar (engine/structured/spec.py)
+    structured: StructuredSpec | None = None
     typical_p: float = 1.0  # locally typical sampling (LoRAX/TGI's typical_p); 1 disables it
 
     def validate(self) -> None:
@@ -54,6 +58,8 @@ class SamplingParams:
         for tok, bias in self.logit_bias.items():
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias for token {tok} must be in [-100, 100]")
+        if self.structured is not None:
+            self.structured.validate()
 
     @property
     def greedy(self) -> bool:

@@ -186,6 +186,8 @@ class Scheduler:
                 head = queue[0]
                 if self._adapter_slot(head, out) is None:
                     continue
+                if not self._grammar_ready(head, out):
+                    continue
                 if self._match(head)[1].pending:
                     continue  # its next block is being computed by a running sequence: share it
                 candidates.append((client, head.request.arrival_time))
@@ -214,6 +216,18 @@ class Scheduler:
             self.running.append(seq)
             self._add_scheduled(out, seq, n)
             budget -= n
+
+    def _grammar_ready(self, head: Sequence, out: SchedulerOutput) -> bool:
+        """A constrained head runs only once its grammar compiled (on the compiler's thread) and
+        its matcher agrees with the tokens it kept; one whose grammar failed is failed here."""
+        g = head.grammar
+        if g is None or g.ready(head.output_ids):
+            return True
+        if g.error is not None:
+            self.queues[head.client].popleft()
+            head.state = SeqState.FINISHED
+            out.failed.append((head, f"invalid grammar: {g.error}"))
+        return False
 
     def _start(self, seq: Sequence, identity: bytes | None, match: Match, upto: int) -> None:
         """Give an admitted seq its matched blocks, then blocks up to position `upto` (the caller

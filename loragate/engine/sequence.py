@@ -9,12 +9,16 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from loragate.engine.detokenizer import TextStream
 from loragate.engine.outputs import EngineRequest
 from loragate.engine.prefix_cache import PrefixState
+
+if TYPE_CHECKING:
+    from loragate.engine.structured.runtime import SequenceGrammar
 
 
 class SeqState(enum.Enum):
@@ -39,6 +43,7 @@ class Sequence:
     admitted_at: float | None = None
     first_token_at: float | None = None
     preemptions: int = 0
+    grammar: SequenceGrammar | None = None  # set when the request is constrained (structured outputs)
     prefix: PrefixState = field(default_factory=PrefixState)  # its place in the prefix cache
     num_cached_tokens: int = 0  # prompt tokens the first admission found cached (usage reports them)
 

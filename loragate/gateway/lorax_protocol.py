@@ -12,13 +12,13 @@ temperature and truncation (loragate's rule on every API; LoRAX reports them aft
 """
 from __future__ import annotations
 
-import dataclasses
 import secrets
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from loragate.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from loragate.engine.structured.spec import StructuredSpec
 from loragate.gateway.adapter_select import MergedAdaptersBody
 from loragate.gateway.errors import APIError
 
@@ -125,7 +125,8 @@ def sampling(p: LoraxParameters) -> bool:
 def structured_spec(response_format: dict[str, Any] | None) -> Any:
     """LoRAX's `response_format` ({"type": "json_object" | "json_schema" | "text", "schema": {...}})
     as the engine's structured-output spec, or None for none/text. The schema is checked with
-    `jsonschema` here so a bad one is a 422 naming the field."""
+    `jsonschema` here so a bad one is a 422 naming the field; the route then compiles it (with the
+    same time limit as the OpenAI routes) before any engine work."""
     if response_format is None:
         return None
     kind = response_format.get("type")
@@ -148,13 +149,6 @@ def structured_spec(response_format: dict[str, Any] | None) -> Any:
     except jsonschema.SchemaError as exc:
         raise invalid(f"response_format.schema is not a valid JSON schema: {exc.message}",
                       "response_format.schema") from None
-    try:
-        from loragate.engine.structured.spec import StructuredSpec
-    except ImportError:
-        StructuredSpec = None  # noqa: N806 - structured outputs not in this build
-    if StructuredSpec is None or "structured" not in {f.name for f in dataclasses.fields(SamplingParams)}:
-        raise invalid("response_format is not supported by this server yet (structured outputs)",
-                      "response_format")
     return StructuredSpec.json(schema)
 
 
@@ -163,10 +157,6 @@ def sampling_params(p: LoraxParameters, max_new_tokens: int, details: bool) -> t
     requested when token details will be sent (every stream event carries one)."""
     sample = sampling(p)
     seed = p.seed if p.seed is not None else (secrets.randbits(62) if sample else None)
-    extra: dict[str, Any] = {}
-    spec = structured_spec(p.response_format)
-    if spec is not None:
-        extra["structured"] = spec
     params = SamplingParams(
         max_tokens=max_new_tokens,
         temperature=(1.0 if p.temperature is None else p.temperature) if sample else 0.0,
@@ -180,7 +170,7 @@ def sampling_params(p: LoraxParameters, max_new_tokens: int, details: bool) -> t
         stop=list(p.stop),
         ignore_eos=p.ignore_eos_token,
         logprobs=(p.return_k_alternatives or 0) if details else None,
-        **extra,
+        structured=structured_spec(p.response_format),
     )
     try:
         params.validate()

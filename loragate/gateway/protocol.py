@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_serializer
 
 from loragate.engine.sampling_params import MAX_LOGPROBS
 
@@ -26,6 +26,8 @@ class ChatMessage(_Request):
     role: str
     content: Union[StrictStr, list[dict[str, Any]], None] = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: which call this answers
 
 
 class _SamplingRequest(_Request):
@@ -50,6 +52,12 @@ class _SamplingRequest(_Request):
     repetition_penalty: float | None = Field(default=None, gt=0.0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    # output constraints in vLLM's form (gateway/structured.py); one per request
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -68,28 +76,24 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    # recognised, not implemented
+    # tool calling and structured outputs (validated in gateway/tools and gateway/structured.py)
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    # recognised, not implemented
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     audio: Any = None
     modalities: list[str] | None = None
     prediction: Any = None
 
     def unsupported_fields(self) -> list[tuple[str, str]]:
         out = self._common_unsupported()
-        if self.tools:
-            out.append(("tools", "tools (function calling)"))
-        if self.tool_choice not in (None, "none"):
-            out.append(("tool_choice", "tool_choice"))
         if self.functions:
             out.append(("functions", "functions (function calling)"))
         if self.function_call not in (None, "none"):
             out.append(("function_call", "function_call"))
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            out.append(("response_format", f"response_format {self.response_format.get('type')!r}"))
         if self.audio is not None or (self.modalities and set(self.modalities) != {"text"}):
             out.append(("modalities", "audio output"))
         if self.prediction is not None:
@@ -108,6 +112,7 @@ class CompletionRequest(_SamplingRequest):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None
+    response_format: dict[str, Any] | None = None
 
     def unsupported_fields(self) -> list[tuple[str, str]]:
         out = self._common_unsupported()
@@ -147,9 +152,58 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
-class ChatResponseMessage(BaseModel):
+class _OmitNone(BaseModel):
+    """Serialised without its None fields: a tool-call delta carries only what changed (the
+    openai SDK's stream accumulator would otherwise meet `"name": null` in later fragments)."""
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class _ToolCallsWhenSet(BaseModel):
+    """Serialised without `tool_calls` when there are none, so answers without tools look exactly
+    as they did before tool calling existed."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_tool_calls(self, handler):
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, exactly as generated
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(_OmitNone):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_OmitNone):
+    """A call's first delta has index, id, type and function.name (arguments ""); later ones
+    index and function.arguments fragments. `function` is always there: the openai SDK's stream
+    helper and LangChain drop tool-call deltas without it."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
+class ChatResponseMessage(_ToolCallsWhenSet):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -169,9 +223,10 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
-class ChatDelta(BaseModel):
+class ChatDelta(_ToolCallsWhenSet):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

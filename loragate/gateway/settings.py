@@ -32,6 +32,9 @@ class GatewaySettings:
         is aborted (its KV blocks and slot freed).
     shutdown_timeout: seconds in-flight requests get to finish after SIGTERM.
     metrics_auth: "open" (anyone may read /metrics, like vLLM) or "admin" (admin keys only).
+    tool_call_parser: how `tool_choice: "auto"` output is read as calls (gateway/tools/parsers.py).
+    grammar_compile_timeout: seconds a structured-output grammar may take to compile before the
+        request is refused with a 400.
     """
 
     api_keys: tuple[str, ...] = ()
@@ -50,3 +53,5 @@ class GatewaySettings:
     max_stream_buffer: int = 512
     shutdown_timeout: float = 30.0
     metrics_auth: str = "open"
+    tool_call_parser: str = "hermes"
+    grammar_compile_timeout: float = 2.0

@@ -1,7 +1,13 @@
-"""POST /v1/chat/completions: messages -> chat template -> n engine requests -> response/SSE."""
+"""POST /v1/chat/completions: messages -> chat template -> n engine requests -> response/SSE.
+
+With tools, the template also receives `tools`, history turns carry `tool_calls` and `tool`
+results, and each choice's text is read back as calls by a reader from gateway/tools.
+"""
 from __future__ import annotations
 
+import json
 import time
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
@@ -25,23 +31,42 @@ from loragate.gateway.protocol import (
 from loragate.gateway.routing import check_context
 from loragate.gateway.sampling import reject_unsupported, sampling_params, with_seed
 from loragate.gateway.streaming import SSEResponse, sse
+from loragate.gateway.structured import compile_constraint, request_constraint
+from loragate.gateway.tools import get_parser, plan_tools, reader_for
 
 router = APIRouter()
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+
+
+def _template_call(call: Any, param: str) -> dict:
+    """An assistant turn's tool call as chat templates expect it: arguments as an object (parsed
+    from the JSON text clients send back; kept as text when it is not JSON)."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise bad_request(f"{param} must be a function call with a function.name", param)
+    args = fn.get("arguments", "{}")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            pass
+    return {"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": args}}
 
 
 def template_messages(req: ChatCompletionRequest) -> list[dict]:
-    """Plain {"role", "content": str} dicts for the chat template; anything but text is a 400."""
+    """{"role", "content": str} dicts for the chat template (plus `tool_calls` on assistant turns
+    that called tools, and `tool_call_id`/`name` on tool results); anything but text is a 400."""
     out = []
+    call_names: dict[str, str] = {}  # tool_call_id -> function name, for the tool turns answering them
     for i, msg in enumerate(req.messages):
         if msg.role not in _ROLES:
             raise APIError(400, f"messages with role {msg.role!r} are not supported by this server",
                            "invalid_request_error", f"messages[{i}].role", "unsupported_parameter")
         extra = msg.model_extra or {}
-        if extra.get("tool_calls") or extra.get("function_call"):
-            raise APIError(400, "tool calls in messages are not supported by this server",
-                           "invalid_request_error", f"messages[{i}].tool_calls", "unsupported_parameter")
+        if extra.get("function_call"):
+            raise APIError(400, "function_call in messages is not supported by this server; use tool_calls",
+                           "invalid_request_error", f"messages[{i}].function_call", "unsupported_parameter")
         content = msg.content
         if isinstance(content, list):
             texts = []
@@ -56,7 +81,22 @@ def template_messages(req: ChatCompletionRequest) -> list[dict]:
             if msg.role != "assistant":
                 raise bad_request(f"messages[{i}].content is required", f"messages[{i}].content")
             content = ""
-        out.append({"role": _ROLES[msg.role], "content": content})
+        entry: dict[str, Any] = {"role": _ROLES[msg.role], "content": content}
+        if msg.tool_calls:
+            if msg.role != "assistant":
+                raise bad_request("only assistant messages carry tool_calls", f"messages[{i}].tool_calls")
+            entry["tool_calls"] = [_template_call(c, f"messages[{i}].tool_calls[{j}]")
+                                   for j, c in enumerate(msg.tool_calls)]
+            call_names.update({c["id"]: c["function"]["name"] for c in entry["tool_calls"] if c["id"]})
+        if msg.role == "tool":
+            if not msg.tool_call_id:
+                raise bad_request(f"messages[{i}].tool_call_id is required for tool messages",
+                                  f"messages[{i}].tool_call_id")
+            entry["tool_call_id"] = msg.tool_call_id
+            name = msg.name or call_names.get(msg.tool_call_id)
+            if name:
+                entry["name"] = name
+        out.append(entry)
     return out
 
 
@@ -67,11 +107,17 @@ async def create_chat_completion(request: Request, principal: Principal = Depend
     rec.counted = True
     req = await parse_body(request, ChatCompletionRequest)
     reject_unsupported(req.unsupported_fields())
+    constraint = request_constraint(req)
+    plan = plan_tools(req, get_parser(ctx.settings.tool_call_parser), constraint)
+    if plan is not None and plan.constraint is not None:
+        constraint = plan.constraint
     engine = ctx.engine
     target = resolve_request_model(engine, principal, req)  # model, or LoRAX-style adapter fields
     rec.model = target.label
+    messages = template_messages(req)
     try:
-        prompt = engine.tokenizer.encode_chat(template_messages(req), add_generation_prompt=True)
+        extra = {"tools": plan.tools} if plan is not None else {}
+        prompt = engine.tokenizer.encode_chat(messages, add_generation_prompt=True, **extra)
     except ValueError as exc:
         raise bad_request(f"could not apply the chat template: {exc}", "messages") from None
     if req.max_completion_tokens is not None:
@@ -83,6 +129,9 @@ async def create_chat_completion(request: Request, principal: Principal = Depend
     check_context(engine, len(prompt), max_tokens, "messages")
     top_n = (req.top_logprobs or 0) if req.logprobs else 0
     params = sampling_params(req, max_tokens, top_n if req.logprobs else None, engine.tokenizer.vocab_size)
+    if constraint is not None:
+        params.structured = constraint.spec
+        await compile_constraint(engine, constraint, ctx.settings.grammar_compile_timeout)
     requests = [EngineRequest(f"chatcmpl-{rec.request_id}-{i}", list(prompt), with_seed(params, i),
                               target.adapter, principal.tenant) for i in range(req.n)]
     rec.prompt_tokens = len(prompt)
@@ -91,17 +140,22 @@ async def create_chat_completion(request: Request, principal: Principal = Depend
     created = int(time.time())
     rid = f"chatcmpl-{rec.request_id}"
     states = [ChoiceState() for _ in range(req.n)]
+    readers = [reader_for(plan) if plan is not None else None for _ in range(req.n)]
     fingerprint = ctx.settings.system_fingerprint
 
     if not req.stream:
         await collect(gen, states, request)
         rec.completion_tokens = sum(s.completion_tokens for s in states)
-        choices = [
-            ChatChoice(index=i, message=ChatResponseMessage(content="".join(s.text)),
-                       logprobs=chat_logprobs(engine.tokenizer, s.logprobs, top_n) if req.logprobs else None,
-                       finish_reason=s.finish_reason)
-            for i, s in enumerate(states)
-        ]
+        choices = []
+        for i, s in enumerate(states):
+            message, reason = ChatResponseMessage(content="".join(s.text)), s.finish_reason
+            if (reader := readers[i]) is not None:
+                reader.feed(message.content or "")
+                _, reason = reader.finish(reason)
+                message = ChatResponseMessage(content=reader.content, tool_calls=reader.tool_calls)
+            choices.append(ChatChoice(
+                index=i, message=message, finish_reason=reason,
+                logprobs=chat_logprobs(engine.tokenizer, s.logprobs, top_n) if req.logprobs else None))
         return ChatCompletionResponse(id=rid, created=created, model=req.model, system_fingerprint=fingerprint,
                                       choices=choices, usage=usage(len(prompt), states))
 
@@ -112,6 +166,8 @@ async def create_chat_completion(request: Request, principal: Principal = Depend
                                        choices=choices, usage=use))
 
     def render(i: int, out) -> list[bytes]:
+        if readers[i] is not None:
+            return render_read(i, out, readers[i])
         chunks = []
         if out.new_text or (req.logprobs and out.new_logprobs):
             lp = chat_logprobs(engine.tokenizer, out.new_logprobs or [], top_n) if req.logprobs else None
@@ -120,6 +176,27 @@ async def create_chat_completion(request: Request, principal: Principal = Depend
             chunks.append(chunk([ChatChunkChoice(index=i, delta=ChatDelta(), finish_reason=out.finish_reason)]))
         return chunks
 
-    opening = [chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))]) for i in range(req.n)]
+    def render_read(i: int, out, reader) -> list[bytes]:
+        """Content and tool-call deltas as the choice's reader sees them; logprobs ride on the
+        first chunk of each engine output."""
+        deltas = reader.feed(out.new_text)
+        reason = None
+        if out.finished:
+            more, reason = reader.finish(out.finish_reason)
+            deltas += more
+        lp = None
+        if req.logprobs and out.new_logprobs:
+            lp = chat_logprobs(engine.tokenizer, out.new_logprobs, top_n)
+            deltas = deltas or [ChatDelta()]
+        chunks = [chunk([ChatChunkChoice(index=i, delta=d, logprobs=lp if k == 0 else None)])
+                  for k, d in enumerate(deltas)]
+        if out.finished:
+            chunks.append(chunk([ChatChunkChoice(index=i, delta=ChatDelta(), finish_reason=reason)]))
+        return chunks
+
+    # when a grammar forces tool calls there is no content: say so from the start, as OpenAI does
+    first_content = None if plan is not None and plan.forced else ""
+    opening = [chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=first_content))])
+               for i in range(req.n)]
     final_usage = (lambda: chunk([], usage(len(prompt), states))) if include_usage else None
     return SSEResponse(sse_events(gen, states, rec, opening, render, final_usage))

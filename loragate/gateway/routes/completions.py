@@ -24,6 +24,7 @@ from loragate.gateway.protocol import (
 from loragate.gateway.routing import check_context
 from loragate.gateway.sampling import reject_unsupported, sampling_params, with_seed
 from loragate.gateway.streaming import SSEResponse, sse
+from loragate.gateway.structured import compile_constraint, request_constraint
 
 router = APIRouter()
 
@@ -63,6 +64,7 @@ async def create_completion(request: Request, principal: Principal = Depends(aut
     rec.counted = True
     req = await parse_body(request, CompletionRequest)
     reject_unsupported(req.unsupported_fields())
+    constraint = request_constraint(req)
     engine, tok = ctx.engine, ctx.engine.tokenizer
     target = resolve_request_model(engine, principal, req)  # model, or LoRAX-style adapter fields
     rec.model = target.label
@@ -72,6 +74,9 @@ async def create_completion(request: Request, principal: Principal = Depends(aut
         check_context(engine, len(ids), max_tokens, "prompt")
     top_n = req.logprobs or 0
     params = sampling_params(req, max_tokens, req.logprobs, tok.vocab_size)
+    if constraint is not None:
+        params.structured = constraint.spec
+        await compile_constraint(engine, constraint, ctx.settings.grammar_compile_timeout)
     n = req.n
     requests = [EngineRequest(f"cmpl-{rec.request_id}-{p * n + i}", list(ids), with_seed(params, i),
                               target.adapter, principal.tenant)

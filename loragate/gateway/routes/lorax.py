@@ -49,6 +49,7 @@ from loragate.gateway.openapi import error_responses, json_body, sse_content
 from loragate.gateway.routing import check_context
 from loragate.gateway.sampling import with_seed
 from loragate.gateway.streaming import SSEResponse
+from loragate.gateway.structured import Constraint, compile_constraint
 
 log = logging.getLogger("loragate.gateway")
 
@@ -137,14 +138,14 @@ class Lorax:
             state.last_id = out.new_token_ids[-1]
         state.completion_tokens = max(state.completion_tokens, out.completion_tokens, len(state.tokens))
         if out.finished:
-            state.finish_reason = self.finish_reason(out.finish_reason, state.last_id)
+            state.finish_reason = self.finish_reason(out.finish_reason, state.last_id, out.grammar_complete)
         return added
 
-    def finish_reason(self, reason: str | None, last_id: int | None) -> str:
+    def finish_reason(self, reason: str | None, last_id: int | None, grammar_complete: bool = False) -> str:
         if reason == "length":
             return "length"
-        if last_id in self.eos and not self.ignore_eos:
-            return "eos_token"
+        if (last_id in self.eos and not self.ignore_eos) or (reason == "stop" and grammar_complete):
+            return "eos_token"  # a complete constrained answer ends as LoRAX's constrained decoding does
         return "stop_sequence"
 
     def generated_text(self, state: TokenState) -> str:
@@ -213,6 +214,9 @@ async def _run(request: Request, principal: Principal, stream: bool | None):
     check_context(engine, len(prompt), max_new, "inputs")
     n = p.best_of or 1
     params, sample = sampling_params(p, max_new, details=p.details or streaming or n > 1)
+    if params.structured is not None:  # a grammar that cannot compile is a 422 before any engine work
+        await compile_constraint(engine, Constraint(params.structured, "response_format.schema"),
+                                 ctx.settings.grammar_compile_timeout)
     requests = [EngineRequest(f"lorax-{rec.request_id}-{i}", list(prompt), with_seed(params, i), target.adapter,
                               principal.tenant) for i in range(n)]
     seeds = [r.params.seed if sample else None for r in requests]
