@@ -17,7 +17,7 @@ from loragate.gateway.context import GatewayContext
 from loragate.gateway.errors import install_error_handlers
 from loragate.gateway.metrics import GatewayMetrics
 from loragate.gateway.middleware import RequestLogMiddleware
-from loragate.gateway.routes import adapters, chat, completions, health, metrics, models
+from loragate.gateway.routes import adapters, chat, completions, health, metrics, models, playground
 from loragate.gateway.settings import GatewaySettings
 
 
@@ -41,5 +41,7 @@ def create_app(engine, settings: GatewaySettings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (chat, completions, models, adapters, health, metrics):
         app.include_router(module.router)
+    if settings.playground:
+        app.include_router(playground.router)
     app.add_middleware(RequestLogMiddleware, metrics=gateway_metrics)
     return app

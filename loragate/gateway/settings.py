@@ -20,6 +20,7 @@ class GatewaySettings:
     max_concurrent_requests: requests the gateway keeps in flight before answering 429
         (None = leave queueing limits to the engine).
     retry_after_seconds: value of the Retry-After header on 429.
+    playground: serve the static playground page (`routes/playground.py`) at / and /playground.
     """
 
     api_keys: tuple[str, ...] = ()
@@ -30,3 +31,4 @@ class GatewaySettings:
     retry_after_seconds: int = 1
     system_fingerprint: str = "fp_loragate"
     extra: dict[str, Any] = field(default_factory=dict)
+    playground: bool = True  # serve the playground page at / and /playground
