@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='JSON {"keys": [{"key", "tenant", "adapters": [...] or "*", "base": true, '
                    '"admin": false}]}: per-customer keys limited to their adapters')
     h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    h.add_argument("--no-playground", action="store_true",
+                   help="do not serve the playground page at / and /playground")
     return p
 
 
@@ -142,16 +144,22 @@ def build_configs(args: argparse.Namespace) -> ServeConfig:
         allowed_adapter_dirs=tuple(args.allowed_adapter_dir), tenant_weights=tuple(args.tenant_weight),
     )
     gateway = GatewaySettings(api_keys=tuple(args.api_key), api_keys_file=keys_file,
-                              allowed_adapter_dirs=tuple(args.allowed_adapter_dir))
+                              allowed_adapter_dirs=tuple(args.allowed_adapter_dir),
+                              playground=not args.no_playground)
     return ServeConfig(engine, gateway, args.host, args.port, args.log_level)
 
 
 def serve(cfg: ServeConfig) -> None:
+    import asyncio
+
     import uvicorn
 
+    from loragate import startup
+    from loragate.engine import progress
     from loragate.engine.async_engine import AsyncEngine
     from loragate.gateway import create_app
 
+    stop_progress = progress.add_listener(startup.ProgressDisplay())
     engine = AsyncEngine(cfg.engine)
     app = create_app(engine, cfg.gateway)
     stats = engine.stats()
@@ -161,7 +169,9 @@ def serve(cfg: ServeConfig) -> None:
              getattr(inner, "device", cfg.engine.device), getattr(inner, "dtype", cfg.engine.dtype),
              len(engine.list_adapters()), stats.kv_blocks_total, engine.max_model_len,
              "keys" if (cfg.gateway.api_keys or cfg.gateway.api_keys_file) else "open", cfg.host, cfg.port)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                                           access_log=False))
+    asyncio.run(startup.serve_and_announce(server, engine, cfg, on_ready=stop_progress))
 
 
 def main(argv: list[str] | None = None) -> int:
