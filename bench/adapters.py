@@ -43,7 +43,8 @@ def prompt(vocab: int, seed: int) -> list[int]:
 def make_engine(base, adapters: list, max_loras: int, dtype: str, device: str = "auto") -> Engine:
     cfg = EngineConfig(model=str(base), dtype=dtype, device=device, adapters=tuple((p.name, str(p)) for p in adapters),
                        max_loras=max_loras, max_lora_rank=16, max_num_seqs=STREAMS,
-                       max_num_batched_tokens=2048, kv_cache_memory=1 << 30)
+                       max_num_batched_tokens=2048, kv_cache_memory=1 << 30,
+                       enable_prefix_caching=False)  # prompts repeat across samples and rounds: time their prefill
     engine = Engine(cfg)
     engine.start()
     return engine

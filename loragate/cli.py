@@ -48,6 +48,26 @@ def _weight_pair(text: str) -> tuple[str, float]:
     return name, weight
 
 
+def _sources(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    bad = [n for n in names if n not in ("local", "hub", "s3")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma list of local, hub, s3; got {text!r}")
+    return names
+
+
+def _max_loras(text: str) -> int | str:
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number or auto, got {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loragate", description="Serve many LoRA adapters on one base model "
                                 "behind an OpenAI-compatible API.")
@@ -69,15 +89,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve the PEFT adapter at PATH under NAME (repeatable)")
     a.add_argument("--adapter-dir", help="directory whose sub-directories are adapters, found by name on "
                    "first use")
-    a.add_argument("--max-loras", type=int, default=16, help="adapters resident on the device at once")
+    a.add_argument("--max-loras", type=_max_loras, default="auto",
+                   help="adapters resident on the device at once: a number, or auto (as many as "
+                   "--adapter-memory-fraction of the memory left after the weights holds)")
     a.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted")
     a.add_argument("--max-cpu-adapter-memory", type=parse_size, default=2 << 30, metavar="BYTES",
                    help="CPU cache budget for adapters (e.g. 2GiB)")
+    a.add_argument("--adapter-memory-fraction", type=float, default=0.1, metavar="FRACTION",
+                   help="with --max-loras auto: the share of the device memory left after the weights that "
+                   "adapter slots may take (the KV cache gets the rest of its budget)")
+    a.add_argument("--lora-target-modules", default="auto", metavar="auto|all|MODULES",
+                   help="modules the adapter slots hold: auto (with --max-loras auto, those the adapters "
+                   "registered at start-up target; else all), all, or a comma-separated list like q_proj,v_proj")
+    a.add_argument("--lora-kernels", default="auto", choices=["auto", "torch"],
+                   help="auto: the fast kernels (Triton on CUDA, native C++ on the CPU), self-checked at "
+                   "start-up; torch: the torch path everywhere (when the self-check refuses to start)")
     a.add_argument("--pin-adapter", action="append", default=[], metavar="NAME",
                    help="keep this adapter on the device permanently (repeatable)")
     a.add_argument("--allowed-adapter-dir", action="append", default=[], metavar="DIR",
                    help="POST /v1/adapters may register adapters only from inside these directories "
                    "(repeatable; none = runtime registration disabled)")
+    r = s.add_argument_group("remote adapters (LoRAX's adapter_source)")
+    r.add_argument("--adapter-source", type=_sources, default=("local",), metavar="LIST",
+                   help="where requests may load adapters from: local, hub (Hugging Face), s3; e.g. "
+                   "local,hub,s3. Keys need a matching 'sources' allowance in --api-keys-file")
+    r.add_argument("--adapter-cache-dir", metavar="DIR", help="where s3 adapters are downloaded (default "
+                   "~/.cache/loragate/adapters; hub adapters use the Hugging Face cache, HF_HOME)")
+    r.add_argument("--max-adapter-download-size", type=parse_size, default=1 << 30, metavar="BYTES",
+                   help="largest remote adapter fetched (e.g. 512MiB)")
+    r.add_argument("--adapter-download-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="time limit of one remote adapter fetch")
+    r.add_argument("--s3-endpoint-url", metavar="URL", help="S3-compatible store (MinIO, R2, ...); "
+                   "AWS_ENDPOINT_URL_S3 and the other AWS_* variables work too")
     e = s.add_argument_group("scheduling and memory")
     e.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at most")
     e.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per engine step")
@@ -90,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tenant-weight", action="append", type=_weight_pair, default=[], metavar="CLIENT=WEIGHT",
                    help="VTC weight of a tenant (or adapter, for keyless requests); weight 2 gets twice "
                    "the service of weight 1 when both are backlogged (repeatable; default 1)")
+    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of earlier requests with the same leading tokens and the same "
+                   "adapter weights")
     h = s.add_argument_group("server")
     h.add_argument("--host", default="127.0.0.1", help="address to bind")
     h.add_argument("--port", type=int, default=8000, help="port to bind")
@@ -101,6 +147,27 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     h.add_argument("--no-playground", action="store_true",
                    help="do not serve the playground page at / and /playground")
+    r = s.add_argument_group("scale-out on Ray Serve (pip install 'loragate[ray]')")
+    r.add_argument("--ray-replicas", type=int, default=0, metavar="N",
+                   help="run N engine replicas behind one OpenAI-compatible ingress on Ray Serve, adapter "
+                   "requests routed to replicas that hold the adapter (0: one process, no Ray)")
+    r.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    r.add_argument("--ray-max-ongoing-requests", type=int, metavar="N",
+                   help="requests Ray hands one replica at once (default: 2 x --max-num-seqs)")
+    r.add_argument("--ray-num-cpus-per-replica", type=float, default=1.0, help="Ray CPUs each replica reserves")
+    r.add_argument("--ray-num-gpus-per-replica", type=float,
+                   help="Ray GPUs each replica reserves (default: 1 when the engine runs on CUDA, else 0)")
+    r.add_argument("--ray-ingress-replicas", type=int, default=1, help="replicas of the HTTP ingress")
+    r.add_argument("--ray-multiplex", action=argparse.BooleanOptionalAction, default=True,
+                   help="route adapter requests by Ray Serve model multiplexing (adapter affinity)")
+    h.add_argument("--max-request-bytes", type=parse_size, default=4 << 20, metavar="BYTES",
+                   help="largest request body accepted (413 above it)")
+    h.add_argument("--max-waiting", type=int, default=1024, help="requests waiting for their first token "
+                   "before new ones are answered 503 with Retry-After (0 = no bound)")
+    h.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, how long in-flight requests may take to finish before they are ended")
+    h.add_argument("--metrics-auth", default="open", choices=["open", "admin"],
+                   help="who may read /metrics: anyone (open, like vLLM) or admin keys only")
     return p
 
 
@@ -115,6 +182,7 @@ class ServeConfig:
 
 def build_configs(args: argparse.Namespace) -> ServeConfig:
     """Flags -> EngineConfig + GatewaySettings (no model is loaded here)."""
+    from loragate.engine.adapters.slots import parse_target_modules
     from loragate.engine.config import EngineConfig
     from loragate.gateway.auth import KeyStore
     from loragate.gateway.settings import GatewaySettings
@@ -142,9 +210,18 @@ def build_configs(args: argparse.Namespace) -> ServeConfig:
         max_cpu_adapter_memory=args.max_cpu_adapter_memory, adapters=tuple(adapters),
         adapter_dir=args.adapter_dir, pin_adapters=tuple(args.pin_adapter), fairness=args.fairness,
         allowed_adapter_dirs=tuple(args.allowed_adapter_dir), tenant_weights=tuple(args.tenant_weight),
+        adapter_sources=tuple(args.adapter_source), adapter_cache_dir=args.adapter_cache_dir,
+        max_adapter_download_bytes=args.max_adapter_download_size,
+        adapter_download_timeout=args.adapter_download_timeout, s3_endpoint_url=args.s3_endpoint_url,
+        adapter_memory_fraction=args.adapter_memory_fraction,
+        lora_target_modules=parse_target_modules(args.lora_target_modules),
+        lora_kernels=args.lora_kernels,
+        enable_prefix_caching=args.enable_prefix_caching,
     )
     gateway = GatewaySettings(api_keys=tuple(args.api_key), api_keys_file=keys_file,
                               allowed_adapter_dirs=tuple(args.allowed_adapter_dir),
+                              max_request_bytes=args.max_request_bytes, max_waiting=args.max_waiting or None,
+                              shutdown_timeout=args.shutdown_timeout, metrics_auth=args.metrics_auth,
                               playground=not args.no_playground)
     return ServeConfig(engine, gateway, args.host, args.port, args.log_level)
 
@@ -152,12 +229,11 @@ def build_configs(args: argparse.Namespace) -> ServeConfig:
 def serve(cfg: ServeConfig) -> None:
     import asyncio
 
-    import uvicorn
-
     from loragate import startup
     from loragate.engine import progress
     from loragate.engine.async_engine import AsyncEngine
     from loragate.gateway import create_app
+    from loragate.gateway.shutdown import draining_server
 
     stop_progress = progress.add_listener(startup.ProgressDisplay())
     engine = AsyncEngine(cfg.engine)
@@ -169,9 +245,8 @@ def serve(cfg: ServeConfig) -> None:
              getattr(inner, "device", cfg.engine.device), getattr(inner, "dtype", cfg.engine.dtype),
              len(engine.list_adapters()), stats.kv_blocks_total, engine.max_model_len,
              "keys" if (cfg.gateway.api_keys or cfg.gateway.api_keys_file) else "open", cfg.host, cfg.port)
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                                           access_log=False))
-    asyncio.run(startup.serve_and_announce(server, engine, cfg, on_ready=stop_progress))
+    server = draining_server(app, cfg.host, cfg.port, cfg.log_level, cfg.gateway.shutdown_timeout)
+    asyncio.run(startup.serve_and_announce(server, engine, cfg, on_ready=stop_progress))  # SIGTERM drains
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,7 +260,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_configs(args)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
-    serve(cfg)
+    from loragate.engine.adapters.slots import SlotSizingError
+    from loragate.engine.kernel_check import KernelCheckError
+
+    try:
+        if args.ray_replicas:
+            from loragate.cluster.config import cluster_config
+            from loragate.cluster.launch import serve_cluster
+
+            serve_cluster(cfg, cluster_config(args))
+            return 0
+        serve(cfg)
+    except (KernelCheckError, SlotSizingError) as exc:  # they name the cause and the fix: no traceback
+        print(str(exc), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -247,3 +247,80 @@ def build_adapter(
 
 def write_json(path: str | Path, data: dict) -> None:
     Path(path).write_text(json.dumps(data, indent=2))
+
+
+class ServeProcess:
+    """A real `loragate serve` process on a free local port, for tests and scripts/soak.py.
+
+    Its log goes to `log_path` (a file, so a chatty server can never block on a full pipe).
+    `start()` waits (bounded) until /health answers 200; `stop()` sends SIGTERM and waits for the
+    exit code; the context manager kills it if it is still running."""
+
+    def __init__(self, args: list[str], log_path: str | Path, env: dict | None = None,
+                 cwd: str | Path | None = None) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.args = [*args, "--host", "127.0.0.1", "--port", str(self.port)]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path)
+        self.env = env
+        self.cwd = cwd
+        self.proc = None
+
+    def start(self, timeout: float = 180.0) -> "ServeProcess":
+        import os
+        import subprocess
+        import sys
+        import time
+
+        import httpx
+
+        env = {**os.environ, **(self.env or {})}
+        log = open(self.log_path, "w")  # noqa: SIM115 - the child keeps it open
+        self.proc = subprocess.Popen([sys.executable, "-m", "loragate.cli", "serve", *self.args], stdout=log,
+                                     stderr=subprocess.STDOUT, env=env, cwd=self.cwd)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"loragate serve exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.kill()
+        raise RuntimeError(f"loragate serve did not become healthy in {timeout}s:\n{self.log()[-4000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, then the exit code (the process is killed if it outlives `timeout`)."""
+        import signal
+        import subprocess
+
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def __enter__(self) -> "ServeProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.kill()

@@ -31,3 +31,80 @@ def checkpoints(tmp_path_factory, tokenizer_dir):
         return cache[key]
 
     return get
+
+
+# ---- secrets never reach logs or error messages, checked over the whole suite ------------------
+# Every log record (any logger) and every OpenAI-style error body the gateway renders is scanned for
+# API keys (tests use keys of the form sk-...) and for adapter paths: any path under pytest's
+# temporary directory that is, or lies in, or holds an adapter folder (one with adapter_config.json).
+# A leak fails the session at its end, naming the offending text.
+import logging  # noqa: E402
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+_KEY_RE = re.compile(r"\bsk-[A-Za-z0-9_-]{2,}")
+_leaks: list[str] = []
+_watch: dict = {}
+
+
+def _is_adapter_path(text: str) -> bool:
+    p = Path(text)
+    for candidate in (p, *p.parents):
+        if (candidate / "adapter_config.json").exists():
+            return True
+        if candidate == Path(_watch["base"]):
+            break
+    try:
+        return p.is_dir() and any((c / "adapter_config.json").exists() for c in p.iterdir() if c.is_dir())
+    except OSError:
+        return False
+
+
+def _scan(where: str, text: str) -> None:
+    base = _watch.get("base")
+    paths = re.findall(re.escape(base) + r"[^\s'\"),]*", text) if base else []
+    if _KEY_RE.search(text) or any(_is_adapter_path(p) for p in paths):
+        _leaks.append(f"{where}: {text[:500]}")
+
+
+class _LeakWatch(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            _scan(f"log {record.name}", self.format(record))
+        except Exception:  # noqa: BLE001 - a broken record must not break the suite
+            pass
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _secrets_watch(tmp_path_factory):
+    try:
+        from loragate.gateway import errors
+    except ImportError:  # an engine-only environment (the GPU check has no FastAPI): watch logs only
+        errors = None
+
+    _watch["base"] = str(tmp_path_factory.getbasetemp())
+    handler = _LeakWatch(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root, ours = logging.getLogger(), logging.getLogger("loragate")
+    old_level = ours.level
+    ours.setLevel(logging.DEBUG)  # so that every line the server could log is seen
+    root.addHandler(handler)
+    real_body = errors.error_body if errors else None
+
+    def watched_body(message, type, param=None, code=None):
+        _scan(f"error body ({code})", str(message))
+        return real_body(message, type, param, code)
+
+    if errors:
+        errors.error_body = watched_body
+    yield
+    if errors:
+        errors.error_body = real_body
+    root.removeHandler(handler)
+    ours.setLevel(old_level)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _leaks:
+        print("\nSECRETS LEAKED into logs or error messages:\n  " + "\n  ".join(_leaks[:20]))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -22,7 +22,7 @@ from loragate.engine.errors import (
     PromptTooLongError,
     QueueFullError,
 )
-from loragate.engine.outputs import AdapterStats, EngineRequest, EngineStats, RequestOutput, TokenLogprob
+from loragate.engine.outputs import AdapterStats, EngineRequest, EngineStats, LoraState, RequestOutput, TokenLogprob
 
 WORDS = ("alpha beta gamma delta lorem ipsum adapter token stream gateway batch kernel cache "
          "quick brown fox jumps over lazy dog hello world").split()
@@ -90,6 +90,8 @@ class FakeEngine:
     queue_full: bool = False
     fail_after: int | None = None  # emit a finish_reason="error" output after this many tokens
     chat_template: bool = True
+    block_size: int = 16
+    max_loras: int = 4
 
     def __post_init__(self) -> None:
         self.config = FakeConfig(self.model_name, self.model_name)
@@ -129,9 +131,11 @@ class FakeEngine:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         if not p.ignore_eos:
             ids.append(2)
-        else:
-            while len(ids) < p.max_tokens:
-                ids += self.tokenizer.encode(" " + rng.choice(WORDS), add_special_tokens=False)
+        else:  # a block of words repeated: cheap even for millions of tokens
+            block: list[int] = []
+            for _ in range(64):
+                block += self.tokenizer.encode(" " + rng.choice(WORDS), add_special_tokens=False)
+            ids += block * (max(0, p.max_tokens - len(ids)) // len(block) + 1)
         return ids
 
     def _check(self, req: EngineRequest) -> None:
@@ -187,12 +191,13 @@ class FakeEngine:
                 new_text = self.tokenizer.decode(new_ids) if reason != "stop" or new_ids[-1] not in \
                     (self.tokenizer.eos_token_ids | set(p.stop_token_ids)) else self.tokenizer.decode(new_ids[:-1])
                 # stop strings: cut the text at the first occurrence, never emit it
-                full = text + new_text
-                for s in p.stop:
-                    at = full.find(s)
-                    if at != -1:
-                        full, reason = full[:at], "stop"
-                new_text, text = full[len(text):], full
+                if p.stop:  # only then is the text so far kept (a long stream would copy it every chunk)
+                    full = text + new_text
+                    for s in p.stop:
+                        at = full.find(s)
+                        if at != -1:
+                            full, reason = full[:at], "stop"
+                    new_text, text = full[len(text):], full
                 lps = None
                 if p.logprobs is not None:
                     lps = [TokenLogprob(t, -0.1 * (1 + t % 7),
@@ -238,3 +243,8 @@ class FakeEngine:
 
     def stats(self) -> EngineStats:
         return EngineStats(len(self.running), 0, len(self.running) * 2, 100, self.steps, self.is_alive)
+
+    async def lora_state(self) -> LoraState:
+        """Adapters with a running request count as resident (the fake has no slots)."""
+        running = tuple(sorted(n for n, a in self._adapters.items() if a.running))
+        return LoraState(running, (), self.max_loras)

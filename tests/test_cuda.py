@@ -55,3 +55,64 @@ def test_engine_on_cuda_matches_cpu(checkpoints, tmp_path):
         results[device] = [tokens(outs[r.request_id]) for r in reqs]
         engine.shutdown()
     assert results["cuda"] == results["cpu"]
+
+
+def test_cuda_launches_compiled_kernels_even_with_TRITON_INTERPRET_set(monkeypatch):
+    """The first GPU run's failure: another test module had set TRITON_INTERPRET=1, and CUDA
+    launches in the same process went through the interpreter. The form now follows the device."""
+    import triton.runtime.interpreter as interpreter
+
+    from loragate.kernels import lora_triton
+
+    def interpreted(*args, **kwargs):
+        raise AssertionError("a CUDA launch went through Triton's interpreter")
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", interpreted)
+    layout = LoraBatchLayout.from_token_slots([0, 0, -1, 1], [4, 8], [1.0, 0.5], "cuda")
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(2, 1, 8, 64, generator=g).to("cuda", torch.bfloat16)
+    B = torch.randn(2, 96, 8, generator=g).to("cuda", torch.bfloat16)
+    x = torch.randn(4, 64, generator=g).to("cuda", torch.bfloat16)
+    y = torch.zeros(4, 96, device="cuda", dtype=torch.bfloat16)
+    ref = y.float().clone()
+    add_lora_ref(ref, x.float(), A.float(), B.float(), [0, 96], layout)
+    lora_triton.add_lora_triton(y, x, A, B, [0, 96], layout)
+    torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=5e-2)
+
+
+def test_self_check_passes_and_warms_on_cuda():
+    from loragate.engine.kernel_check import check_kernels, warm_triton
+    from loragate.engine.model.lora import LoraWeights, group_specs
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        report = check_kernels(torch.device("cuda"), dtype, "auto")
+        assert report.results and all(r.ok for r in report.results), [r.cause for r in report.failures]
+    lora = LoraWeights(group_specs(576, 576, 192, 1536), 2, 4, 16, torch.device("cuda"), torch.bfloat16,
+                       groups=("qkv", "down"))
+    launches, seconds = warm_triton(lora, ranks=[8])
+    assert launches == 2 * 3  # two groups, three row-block sizes, one rank bucket
+    assert all(torch.count_nonzero(b) == 0 for b in lora.B[0].values())
+
+
+def test_prefix_caching_on_cuda_equals_off(checkpoints, tmp_path):
+    from engine_utils import make_engine, random_prompts, request, run_to_completion, tokens
+    from loragate.testing import build_adapter
+
+    base = checkpoints("llama3")
+    ads = {"a": build_adapter(base, tmp_path / "a", rank=8, targets=("q_proj", "v_proj"), seed=4),
+           "b": build_adapter(base, tmp_path / "b", rank=4, targets=("o_proj", "down_proj"), seed=5)}
+    system = random_prompts(1, 400, seed=9, lo=37, hi=38)[0]
+    users = random_prompts(9, 400, seed=10, lo=3, hi=12)
+    plan = [None, "a", "b"] * 3
+    results = {}
+    for on in (False, True):
+        engine = make_engine(base, device="cuda", adapters=tuple((n, str(p)) for n, p in ads.items()), max_loras=2,
+                             max_lora_rank=8, max_num_batched_tokens=16, enable_prefix_caching=on)
+        reqs = [request(system + u, adapter=a, max_tokens=8, ignore_eos=True) for u, a in zip(users, plan)]
+        outs = run_to_completion(engine, {0: reqs[:3], 2: reqs[3:6], 4: reqs[6:]})
+        results[on] = [tokens(outs[r.request_id]) for r in reqs]
+        assert (engine.stats().prefix_cache_hits > 0) == on
+        assert engine.kv.allocator.num_used == 0
+        engine.shutdown()
+    assert results[True] == results[False]

@@ -98,6 +98,18 @@ def test_curl(server):
     assert text == reverse(message)
 
 
+def test_prefix_caching(server):
+    out = run(server, sys.executable, str(EXAMPLES / "prefix_caching.py"))
+    rows = re.findall(r"(\S+) '([a-z ]+)': prompt_tokens=(\d+) cached_tokens=(\d+)", out)
+    assert [(m, t) for m, t, _, _ in rows] == [("shout", "moon river cat"), ("shout", "cat moon river"),
+                                                ("reverse", "cat moon river")], out
+    (_, _, p1, c1), (_, _, p2, c2), (_, _, p3, c3) = [(m, t, int(p), int(c)) for m, t, p, c in rows]
+    # the second shout request finds the system prompt's blocks (16 tokens each); reverse has other
+    # weights and finds none of shout's, though its prompt is the second one's to the token
+    assert c1 < c2 and c2 > 0 and c2 % 16 == 0 and c2 <= p2 - 1
+    assert p3 == p2 and c3 == 0
+
+
 def test_many_adapters(server):
     out = run(server, sys.executable, str(EXAMPLES / "many_adapters.py"),
               "--dir", str(server["adapter_root"]), "--count", "20", "--requests", "40", "--concurrency", "8")
@@ -106,3 +118,13 @@ def test_many_adapters(server):
     accuracy = float(re.search(r"accuracy ([\d.]+)%", out).group(1))
     assert accuracy >= 50, out
     assert len(list(server["adapter_root"].iterdir())) == 20
+
+
+def test_lorax_client(server):
+    if not os.environ.get("CI"):  # installed with --no-deps (README, .ci/run); CI fails without it
+        pytest.importorskip("lorax")
+    out = run(server, sys.executable, str(EXAMPLES / "lorax_client.py"))
+    message = "moon river cat"
+    assert f"shout: {shout(message)!r} (eos_token," in out
+    assert streamed(out, "reverse, streamed") == reverse(message)
+    assert "shout+sort merged: '" in out

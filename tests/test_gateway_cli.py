@@ -76,3 +76,18 @@ def test_tenant_weights_reach_the_engine_config(tmp_path):
     assert dict(cfg.engine.tenant_weights) == {"acme": 2.0, "globex": 0.5}
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--tenant-weight", "acme=-1"])
+
+
+def test_remote_adapter_source_flags(tmp_path):
+    args = build_parser().parse_args([
+        "serve", "--model", str(tmp_path), "--adapter-source", "local,hub,s3", "--adapter-cache-dir", "/dl",
+        "--max-adapter-download-size", "64MiB", "--adapter-download-timeout", "20",
+        "--s3-endpoint-url", "http://127.0.0.1:9000"])
+    e = build_configs(args).engine
+    assert e.adapter_sources == ("local", "hub", "s3") and e.adapter_cache_dir == "/dl"
+    assert e.max_adapter_download_bytes == 64 << 20 and e.adapter_download_timeout == 20.0
+    assert e.s3_endpoint_url == "http://127.0.0.1:9000"
+    assert build_configs(build_parser().parse_args(["serve", "--model", str(tmp_path)])).engine.adapter_sources \
+        == ("local",)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--adapter-source", "local,ftp"])

@@ -1,22 +1,21 @@
 """Batched multi-adapter LoRA ops: torch reference vs a naive per-token oracle, Triton vs reference.
 
-The Triton kernels run on CPU tensors through Triton's interpreter, so TRITON_INTERPRET must be set
-before anything imports triton. Buffers are filled with random values *including* the rank padding
-(rows >= r of A, columns >= r of B), so any op that reads the padding gives a wrong answer.
+The Triton kernels run on CPU tensors through Triton's interpreter: lora_triton launches the
+interpreted form for CPU tensors whatever TRITON_INTERPRET says, so nothing here sets it (it used
+to, at import, and that leaked into test_cuda.py's compiled checks in the same process). Buffers
+are filled with random values *including* the rank padding (rows >= r of A, columns >= r of B), so
+any op that reads the padding gives a wrong answer.
 """
 import os
 import random
+import subprocess
+import sys
+from dataclasses import dataclass
 
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from loragate.kernels import (  # noqa: E402
+from loragate.kernels import (
     BACKEND_ENV,
     LoraBatchLayout,
     Segment,
@@ -358,6 +357,47 @@ def test_dispatch_forced_backend(monkeypatch, forced):
         assert calls[-2:] == ["lora_shrink_triton", "lora_expand_triton"]
     else:
         assert calls == []
+
+
+@needs_triton
+@pytest.mark.parametrize("interpret", ["1", "0", None])
+def test_compiled_or_interpreted_follows_the_device_not_TRITON_INTERPRET(interpret):
+    """Whatever TRITON_INTERPRET says when lora_triton is first imported (a fresh process each),
+    CUDA tensors get the compiled kernels and CPU tensors the interpreter."""
+    code = (
+        "import torch\n"
+        "from triton.runtime.jit import JITFunction\n"
+        "from triton.runtime.interpreter import InterpretedFunction\n"
+        "from loragate.kernels import lora_triton as lt\n"
+        "for k in (lt.SHRINK, lt.EXPAND):\n"
+        "    assert type(k.on(torch.device('cuda'))) is JITFunction, type(k.on(torch.device('cuda')))\n"
+        "    assert isinstance(k.on(torch.device('cpu')), InterpretedFunction)\n"
+        "assert lt._dot_mode(torch.bfloat16, torch.device('cuda'))['DOT_FP32'] is False\n"
+        "assert lt._dot_mode(torch.bfloat16, torch.device('cpu'))['DOT_FP32'] is True\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret is not None:
+        env["TRITON_INTERPRET"] = interpret
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+@needs_triton
+def test_compiled_launches_turn_the_interpret_knob_off_while_they_compile(monkeypatch):
+    """With TRITON_INTERPRET=1 set, triton's constexpr functions would answer as for the interpreter
+    while a CUDA kernel compiles; the launch switches the knob off around it and restores it."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:
+        pytest.skip("this triton has no knobs (and its constexpr functions do not consult one)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert knobs.runtime.interpret
+    with lora_triton._compiling_as_compiled():
+        assert not knobs.runtime.interpret
+    assert knobs.runtime.interpret and os.environ["TRITON_INTERPRET"] == "1"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with lora_triton._compiling_as_compiled():
+        assert not knobs.runtime.interpret
 
 
 def test_package_imports_without_triton():

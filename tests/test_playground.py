@@ -82,7 +82,7 @@ def test_unknown_asset_is_an_openai_style_404(fake_url):
 def test_playground_can_be_turned_off():
     engine = FakeEngine(model_name="fake-base", max_model_len=256, adapters={})
     with running_server(create_app(engine, GatewaySettings(playground=False))) as url:
-        assert httpx.get(url + "/").status_code == 404
+        assert httpx.get(url + "/").status_code == 405  # only LoRAX's POST / is left at the root
         assert httpx.get(url + "/playground").status_code == 404
         assert httpx.get(url + "/playground/static/playground.js").status_code == 404
         assert httpx.get(url + "/v1/models").status_code == 200

@@ -9,6 +9,7 @@ single-threaded. If a step raises, the loop marks the engine dead, fails every o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -26,7 +27,7 @@ from loragate.engine.errors import (
     EngineDeadError,
     QueueFullError,
 )
-from loragate.engine.outputs import AdapterStats, EngineRequest, EngineStats, RequestOutput
+from loragate.engine.outputs import AdapterStats, EngineRequest, EngineStats, LoraState, RequestOutput
 
 log = logging.getLogger("loragate.engine")
 
@@ -46,6 +47,8 @@ class AsyncEngine:
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.model_name = config.served_model_name or Path(config.model).name
+        self.block_size = self.engine.kv.block_size
+        self._last_lora_state: LoraState | None = None
         self._cmds: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -78,7 +81,9 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        self.engine.shutdown()
+        self.engine.shutdown()  # joins the adapter loader thread
+        loop_alive = self._thread is not None and self._thread.is_alive()
+        log.info("engine stopped: step loop %s, adapter loader stopped", "still running" if loop_alive else "joined")
 
     async def shutdown(self) -> None:
         await asyncio.to_thread(self.shutdown_sync)
@@ -164,8 +169,10 @@ class AsyncEngine:
         try:
             self.engine.add_request(request)
         except Exception as exc:  # noqa: BLE001 - reported to the request, never kills the loop
+            # e.g. its adapter was deleted between the caller's check and this command: a 404
+            kind = "adapter_not_found" if isinstance(exc, AdapterNotFoundError) else None
             self._deliver([RequestOutput(request.request_id, [], "", finished=True, finish_reason="error",
-                                         error=str(exc))])
+                                         error=str(exc), error_kind=kind)])
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -173,14 +180,73 @@ class AsyncEngine:
         self._post(lambda: self.engine.abort(request_id))
 
     def stats(self) -> EngineStats:
-        s = self._stats
-        return EngineStats(s.running, s.waiting, s.kv_blocks_used, s.kv_blocks_total, s.steps, self.is_alive,
-                           s.preemptions)
+        return dataclasses.replace(self._stats, alive=self.is_alive)
+
+    async def lora_state(self, timeout: float = 5.0) -> LoraState:
+        """The engine's `LoraState`, computed on the loop thread between two steps (the scheduler's
+        queues are only consistent there). With no loop running nothing mutates them, so it is read
+        directly; a loop that does not answer within `timeout` (a very long step) gets the last
+        state it computed."""
+        if not self.is_alive:
+            return self.engine.lora_state()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+
+        def compute() -> None:
+            try:
+                state = self.engine.lora_state()
+            except Exception as exc:  # noqa: BLE001 - reported to the caller, never kills the loop
+                loop.call_soon_threadsafe(_set_exc, fut, exc)
+            else:
+                self._last_lora_state = state
+                loop.call_soon_threadsafe(_set_result, fut, state)
+
+        self._post(compute)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            slots = self.engine.lora.max_loras if self.engine.lora is not None else 0
+            return self._last_lora_state or LoraState((), (), slots)
 
     # ---- adapters --------------------------------------------------------------------------
+    def prefetch_adapter(self, name: str) -> None:
+        """Start moving `name` towards a device slot now, ahead of its first request (the adapter
+        cache's loader thread does the work; this only queues it)."""
+        if self.engine.adapters is not None and self.has_adapter(name):
+            self.engine.adapters.request(name)
+
     def has_adapter(self, name: str) -> bool:
         return self.engine.adapters is not None and name not in self._pending_unregister \
-            and self.engine.registry.resolve(name) is not None
+            and self.engine.registry.exists(name)
+
+    @property
+    def adapter_sources(self) -> tuple[str, ...]:
+        """Where adapters may come from on this server (`--adapter-source`)."""
+        return self.engine.sources.enabled if self.engine.adapters is not None else ()
+
+    def remote_adapter(self, source: str, ref: str, token: str | None = None) -> str:
+        """Register the hub/s3 adapter `ref` (no I/O here: the cache's loader fetches it when a
+        request needs it) and return its engine name. ValueError for a malformed reference,
+        PermissionError for a source that is not enabled."""
+        from loragate.engine.adapters.virtual import remote_adapter
+
+        if self.engine.adapters is None:
+            raise AdapterLoadError("LoRA is disabled on this server")
+        return self.engine.registry.add_virtual(remote_adapter(source, ref, self.engine.sources, token))
+
+    def merged_adapter(self, names: list[str], weights: list[float], strategy: str | None = None,
+                       density: float | None = None, majority_sign_method: str | None = None) -> str:
+        """Register the merge of adapters `names` (engine names that exist) and return its name;
+        it is built by the cache's loader when a request needs it. ValueError naming the field."""
+        from loragate.engine.adapters.virtual import merged_adapter
+
+        if self.engine.adapters is None:
+            raise AdapterLoadError("LoRA is disabled on this server")
+        for n in names:
+            if not self.has_adapter(n):
+                raise AdapterNotFoundError(f"adapter {n!r} not found")
+        spec = merged_adapter(names, weights, strategy, density, majority_sign_method)
+        return self.engine.registry.add_virtual(spec)
 
     def list_adapters(self) -> list[AdapterStats]:
         if self.engine.adapters is None:
@@ -194,6 +260,10 @@ class AsyncEngine:
                 path = self.engine.registry.resolve(name) or ""
                 out.append(AdapterStats(name, path, "disk", _dir_size(path), None, 0, 0, None))
         return out
+
+    def cached_adapters(self) -> list[AdapterStats]:
+        """Only the adapters the cache holds an entry for (no directory listing: cheap to poll)."""
+        return self.engine.adapters.stats() if self.engine.adapters is not None else []
 
     def register_adapter(self, name: str, path: str) -> AdapterStats:
         """Validate the adapter by loading it once, then register it under `name`."""

@@ -27,7 +27,7 @@ class EngineConfig:
     max_model_len: int | None = None
     max_queue_len: int = 4096
     # LoRA
-    max_loras: int = 16  # device slots
+    max_loras: int | str = "auto"  # device slots: a count, or "auto" (sized by memory, adapters/slots.py)
     max_lora_rank: int = 64
     max_cpu_adapter_memory: int = 2 << 30
     adapters: tuple[tuple[str, str], ...] = ()
@@ -35,7 +35,21 @@ class EngineConfig:
     allowed_adapter_dirs: tuple[str, ...] = ()  # where the admin API may register adapters from
     pin_adapters: tuple[str, ...] = ()
     enable_lora: bool = True
+    # remote adapter sources (engine/adapters/sources.py): which are on, where downloads go, limits
+    adapter_sources: tuple[str, ...] = ("local",)
+    adapter_cache_dir: str | None = None
+    hf_cache_dir: str | None = None
+    max_adapter_download_bytes: int = 1 << 30
+    adapter_download_timeout: float = 300.0
+    s3_endpoint_url: str | None = None
     # scheduling
     fairness: str = "vtc"  # vtc | fcfs
     tenant_weights: tuple[tuple[str, float], ...] = field(default_factory=tuple)
     seed: int = 0
+    # adapter slots sized by memory (--max-loras auto) and the kernels' start-up self-check
+    adapter_memory_fraction: float = 0.1  # of the device memory left after the weights
+    lora_target_modules: str | tuple[str, ...] = "auto"  # auto | all | PEFT module names the slots hold
+    lora_kernels: str = "auto"  # auto: self-checked fast kernels | torch: the torch path everywhere
+    # automatic prefix caching: requests reuse the computed KV blocks of earlier ones with the same
+    # leading tokens and the same adapter content (see prefix_cache.py)
+    enable_prefix_caching: bool = True

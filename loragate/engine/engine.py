@@ -7,6 +7,7 @@ on the adapter cache's loader thread, which only touches slots no running reques
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -15,23 +16,30 @@ import torch
 from loragate.engine.adapters.cache import AdapterCache
 from loragate.engine.adapters.peft_loader import BaseModelInfo
 from loragate.engine.adapters.registry import AdapterRegistry
+from loragate.engine.adapters.sources import source_settings
+from loragate.engine.adapters.slots import plan_for_engine, slot_modules
 from loragate.engine.config import EngineConfig
 from loragate.engine.cpu_alloc import tune_malloc
 from loragate.engine.detokenizer import TextStream
 from loragate.engine.errors import AdapterNotFoundError, PromptTooLongError
 from loragate.engine.fairness import make_policy
 from loragate.engine.inputs import build_forward_batch
+from loragate.engine.kernel_check import check_kernels, warm_for_engine
 from loragate.engine.kv_cache import KVCache, KVCacheSpec, kv_budget_bytes
+from loragate.engine.memory import available_bytes
 from loragate.engine.model.config import ModelConfig
 from loragate.engine.model.llama import LlamaModel
 from loragate.engine.model.loader import fused_weights, read_tensors, resolve_dtype
 from loragate.engine.model.lora import LoraWeights
-from loragate.engine.outputs import EngineRequest, EngineStats, RequestOutput, TokenLogprob
+from loragate.engine.outputs import EngineRequest, EngineStats, LoraState, RequestOutput, TokenLogprob
 from loragate.engine.sampler import Sampler, SampleRow, make_generator
 from loragate.engine.scheduler import Scheduler
 from loragate.engine.sequence import Sequence, SeqState
 from loragate.engine.tokenizer import Tokenizer
 from loragate.kernels import native
+
+log = logging.getLogger("loragate.engine")
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -54,29 +62,44 @@ class Engine:
         self.model_config = ModelConfig.from_dir(path)
         mc = self.model_config
         self.dtype = resolve_dtype(config.dtype, mc, self.device)
+        # before the weights load: a host that cannot run the kernels fails in seconds, not minutes
+        self.kernels = check_kernels(self.device, self.dtype, config.lora_kernels) \
+            if config.enable_lora or self.device.type == "cpu" else None
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         weights = fused_weights(mc, read_tensors(path), self.device, self.dtype)
         self.model = LlamaModel(mc, weights, self.device, self.dtype, max_positions=max(self.max_model_len, mc.max_position_embeddings))
         self.tokenizer = Tokenizer.from_pretrained(path)
         # the tokenizer's set already includes generation_config.json's eos_token_id
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(mc.eos_token_ids)
-        spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, self.dtype)
-        budget = kv_budget_bytes(config.kv_cache_memory, self.device, config.gpu_memory_fraction, config.cpu_kv_cache_memory)
-        self.kv = KVCache(spec, spec.blocks_for_budget(budget), self.device)
+        free = available_bytes(self.device)  # after the weights: what adapter slots and KV cache share
         self.lora: LoraWeights | None = None
         self.adapters: AdapterCache | None = None
+        self.slot_plan = None
         self.registry = AdapterRegistry(config.adapters, config.adapter_dir, config.allowed_adapter_dirs)
+        self.sources = source_settings(config)
         if config.enable_lora:
-            self.lora = LoraWeights(self.model.lora_specs, mc.num_layers, config.max_loras, config.max_lora_rank,
-                                    self.device, self.dtype)
+            self.slot_plan, startup = plan_for_engine(config, self.model.lora_specs, mc.num_layers, self.dtype,
+                                                      self.registry, free)
+            log.info("LoRA: %s", self.slot_plan.describe())
+            self.lora = LoraWeights(self.model.lora_specs, mc.num_layers, self.slot_plan.max_loras,
+                                    config.max_lora_rank, self.device, self.dtype, groups=self.slot_plan.groups)
             self.model.attach_lora(self.lora)
             shapes = {}
             for spec_ in self.model.lora_specs.values():
                 for name, out in zip(spec_.slice_names, spec_.slice_out):
                     shapes[name] = (spec_.in_dim, out)
-            self.base_info = BaseModelInfo(mc.model_type, mc.num_layers, shapes, self.dtype)
+            self.base_info = BaseModelInfo(mc.model_type, mc.num_layers, shapes, self.dtype,
+                                           slot_modules=slot_modules(self.slot_plan))
             self.adapters = AdapterCache(self.registry, self.lora, self.base_info, config.max_cpu_adapter_memory,
                                          config.max_lora_rank, pinned=config.pin_adapters)
+            warm_for_engine(self.kernels, self.lora, startup.ranks)
+        spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, self.dtype)
+        budget = kv_budget_bytes(config.kv_cache_memory, self.device, config.gpu_memory_fraction,
+                                 config.cpu_kv_cache_memory, free=free,
+                                 reserved=self.slot_plan.total_bytes if self.slot_plan else 0)
+        self.kv = KVCache(spec, spec.blocks_for_budget(budget), self.device, config.enable_prefix_caching)
+        if self.kernels is not None:
+            log.info(self.kernels.summary())
         self.policy = make_policy(config.fairness, dict(config.tenant_weights) or None)
         self.scheduler = Scheduler(config, self.kv, self.policy, self.adapters)
         self.sampler = Sampler(mc.vocab_size, seed=config.seed)
@@ -110,7 +133,7 @@ class Engine:
         if any(t < 0 or t >= vocab for t in req.prompt_token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if req.adapter:
-            if self.adapters is None or self.registry.resolve(req.adapter) is None:
+            if self.adapters is None or not self.registry.exists(req.adapter):
                 raise AdapterNotFoundError(f"adapter {req.adapter!r} not found")
 
     def add_request(self, req: EngineRequest) -> None:
@@ -146,7 +169,21 @@ class Engine:
             steps=self.num_steps,
             alive=alive,
             preemptions=self.scheduler.num_preemptions,
+            lora_slots=self.lora.max_loras if self.lora is not None else 0,
+            prefix_cache_queries=self.kv.allocator.queries,
+            prefix_cache_hits=self.kv.allocator.hits,
+            prefix_cache_blocks=self.kv.allocator.num_cached,
         )
+
+    def lora_state(self) -> LoraState:
+        """Resident adapters, adapters queued requests wait for, and the device slot count (read
+        from the slot buffers, not the flag). Call between steps, on the thread that steps."""
+        if self.adapters is None or self.lora is None:
+            return LoraState((), (), 0)
+        resident = sorted(a.name for a in self.adapters.stats() if a.tier == "device")
+        wanted = {seq.request.adapter for queue in self.scheduler.queues.values() for seq in queue
+                  if seq.request.adapter}
+        return LoraState(tuple(resident), tuple(sorted(wanted.difference(resident))), self.lora.max_loras)
 
     def adapter_in_use(self, name: str) -> bool:
         return any(s.request.adapter == name for s in self.seqs.values())
@@ -157,7 +194,7 @@ class Engine:
         outputs: list[RequestOutput] = []
         for seq, err in sched.failed:
             self.seqs.pop(seq.request_id, None)
-            outputs.append(self._final(seq, "error", "", [], error=err))
+            outputs.append(self._final(seq, "error", "", [], error=err, error_kind="adapter_load"))
         if not sched.scheduled:
             return outputs
         self.num_steps += 1
@@ -166,6 +203,7 @@ class Engine:
         sampled = [s.seq for s in sched.scheduled if s.sample]
         for s in sched.scheduled:
             s.seq.num_computed += s.num_tokens
+            self.kv.allocator.commit(s.seq)  # full computed blocks become shareable
         if not sampled:
             return outputs
         rows = [SampleRow(q.request.params, q.prompt_ids, q.output_ids, q.generator) for q in sampled]
@@ -192,7 +230,8 @@ class Engine:
         if reason is None:
             return RequestOutput(seq.request_id, [tok], delta, new_logprobs=lps,
                                  prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
-                                 queue_time=seq.waited, first_token_time=seq.first_token_at)
+                                 queue_time=seq.waited, first_token_time=seq.first_token_at,
+                                 cached_tokens=seq.num_cached_tokens)
         if not stopped:
             delta += seq.text.finish()
         self.seqs.pop(seq.request_id, None)
@@ -200,9 +239,11 @@ class Engine:
         return self._final(seq, reason, delta, [tok], lps)
 
     def _final(self, seq: Sequence, reason: str, delta: str, toks: list[int],
-               lps: list[TokenLogprob] | None = None, error: str | None = None) -> RequestOutput:
+               lps: list[TokenLogprob] | None = None, error: str | None = None,
+               error_kind: str | None = None) -> RequestOutput:
         seq.state = SeqState.FINISHED
         seq.finish_reason = reason
         return RequestOutput(seq.request_id, toks, delta, finished=True, finish_reason=reason, new_logprobs=lps,
                              prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
-                             error=error, queue_time=seq.waited, first_token_time=seq.first_token_at)
+                             error=error, queue_time=seq.waited, first_token_time=seq.first_token_at,
+                             error_kind=error_kind, cached_tokens=seq.num_cached_tokens)

@@ -6,10 +6,14 @@ blocks or adapters, so it can be tested (and simulated, see `fairness_sim.py`) o
 
 `VTCPolicy` is the Virtual Token Counter of Sheng et al., "Fairness in Serving Large Language
 Models" (OSDI'24). Every client has a counter of the service it received, in cost units
-`input_cost * prompt_tokens + output_cost * output_tokens`, divided by its weight. The backlogged
-client with the smallest counter is admitted next (ties: earliest head arrival, then name, so runs
-are deterministic). With a single backlogged client that client is always picked: VTC is
-work-conserving, unlike a rate limit it never leaves capacity idle while someone waits.
+`input_cost * prompt_tokens + output_cost * output_tokens`, divided by its weight, where
+prompt_tokens counts only the prompt tokens actually prefilled: those served from the prefix cache
+cost the server nothing and are not charged (nor is a prompt recomputed after preemption charged
+twice), so a tenant whose requests share a cached system prompt is not billed as if it had
+prefilled all of it. The backlogged client with the smallest counter is admitted next (ties:
+earliest head arrival, then name, so runs are deterministic). With a single backlogged client
+that client is always picked: VTC is work-conserving, unlike a rate limit it never leaves capacity
+idle while someone waits.
 
 Counter lift (the paper's rule): when a client becomes backlogged (its queue goes from empty to
 non-empty) its counter is raised to
@@ -53,7 +57,8 @@ class FairnessPolicy(Protocol):
         """Choose among (client, arrival time of its head request); candidates is non-empty."""
 
     def charge(self, client: str, prompt_tokens: int = 0, output_tokens: int = 0) -> None:
-        """Record service: prompt tokens prefilled and tokens generated for `client`."""
+        """Record service: prompt tokens prefilled (not those found in the prefix cache) and tokens
+        generated for `client`."""
 
     def counters(self) -> dict[str, float]:
         """Per-client service counters, for metrics and tests."""

@@ -8,12 +8,17 @@ slot = block * block_size + offset. Head-major lets one index_select gather a ba
 directly into the [batch * kv_heads, context, head_dim] operands of decode attention's batched
 matmuls, and keeping keys and values in one tensor makes a layer's cache write one index_copy
 and its decode gather one index_select (see model/attention.py).
+
+The blocks themselves (refcounts, the free list, and the prefix cache that lets sequences share
+computed blocks) are `prefix_cache.PrefixCache`, this cache's `allocator`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from loragate.engine.prefix_cache import PrefixCache
 
 
 @dataclass(frozen=True)
@@ -32,43 +37,16 @@ class KVCacheSpec:
         return max(0, nbytes // self.bytes_per_block())
 
 
-class BlockAllocator:
-    """A free list of block ids. Allocation is all-or-nothing so a step never half-admits."""
-
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
-
-    def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise MemoryError(f"need {n} KV blocks, {len(self._free)} free")
-        out = [self._free.pop() for _ in range(n)]
-        return out
-
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
-
-
 class KVCache:
     """The cache tensors of every layer plus the allocator of their blocks."""
 
-    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device) -> None:
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device,
+                 prefix_caching: bool = False) -> None:
         if num_blocks < 1:
             raise ValueError("KV cache budget too small for even one block")
         self.spec = spec
         self.block_size = spec.block_size
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = PrefixCache(num_blocks, spec.block_size, enabled=prefix_caching)
         slots = num_blocks * spec.block_size
         shape = (2 * spec.num_kv_heads, slots, spec.head_dim)
         self.layers: list[torch.Tensor] = [torch.zeros(shape, dtype=spec.dtype, device=device)
@@ -82,11 +60,15 @@ class KVCache:
         return block_table[position // block_size] * block_size + position % block_size
 
 
-def kv_budget_bytes(explicit: int | None, device: torch.device, fraction: float, cpu_default: int) -> int:
-    """Bytes the KV cache may take: explicit wins; CUDA takes a fraction of free memory."""
+def kv_budget_bytes(explicit: int | None, device: torch.device, fraction: float, cpu_default: int,
+                    free: int | None = None, reserved: int = 0) -> int:
+    """Bytes the KV cache may take: explicit wins; CUDA takes a fraction of the memory `free`
+    after the weights (measured now when not given), less the `reserved` bytes the adapter slots
+    took out of that same budget."""
     if explicit is not None:
         return explicit
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free * fraction)
+        if free is None:
+            free, _total = torch.cuda.mem_get_info(device)
+        return max(0, int(free * fraction) - reserved)
     return cpu_default

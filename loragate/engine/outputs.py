@@ -44,6 +44,10 @@ class RequestOutput:
     # timing, filled on the engine side (monotonic seconds) for metrics
     queue_time: float | None = None
     first_token_time: float | None = None
+    # with finish_reason "error", what the client did wrong: "adapter_load" (its adapter is bad),
+    # "adapter_not_found" (deleted before the request reached the engine); None = a server fault
+    error_kind: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (whole blocks)
 
 
 @dataclass
@@ -57,6 +61,10 @@ class EngineStats:
     steps: int
     alive: bool
     preemptions: int = 0
+    lora_slots: int = 0  # adapter slots on the device (--max-loras, or what `auto` sized)
+    prefix_cache_queries: int = 0  # prompt tokens of admitted requests looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found cached (not prefilled again)
+    prefix_cache_blocks: int = 0  # KV blocks holding cached computed content (in use or reclaimable)
 
 
 @dataclass
@@ -73,3 +81,14 @@ class AdapterStats:
     last_load_seconds: float | None
     pinned: bool = False
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class LoraState:
+    """Where the adapters stand right now, as routers in front of the server want to know it
+    (vLLM's `vllm:lora_requests_info`): which adapters sit in device slots ready to run, which ones
+    queued requests are waiting for (requested but not resident), and how many slots there are."""
+
+    running: tuple[str, ...]
+    waiting: tuple[str, ...]
+    max_loras: int

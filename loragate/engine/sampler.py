@@ -55,9 +55,10 @@ class SamplerOutput:
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
-    """A generator on `device` seeded with `seed`: one per seeded request, so its draws are its own."""
+    """A generator on `device` seeded with `seed`: one per seeded request, so its draws are its own.
+    Any integer is a valid seed: torch takes seeds modulo 2**64 (so does this, for ints beyond)."""
     gen = torch.Generator(device=torch.device(device))
-    gen.manual_seed(seed)
+    gen.manual_seed(seed % (1 << 64))
     return gen
 
 
@@ -175,16 +176,19 @@ def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> None:
 
 
 def filter_logits(
-    logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]
+    logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float],
+    typical_p: list[float] | None = None,
 ) -> torch.Tensor:
-    """Top-k, then top-p, then min-p on temperature-scaled float logits [B, V]; removed tokens
-    become -inf. Returns a new tensor.
+    """Top-k, then top-p, then min-p, then typical-p on temperature-scaled float logits [B, V];
+    removed tokens become -inf. Returns a new tensor.
 
     top_k <= 0 (or >= V) disables it; ties with the k-th value are kept, like HF. top-p keeps the
     smallest prefix of the descending order whose mass reaches p (a token stays while the mass
     strictly before it is < p, so the top token always stays). min-p drops tokens whose
-    probability is below min_p times the top probability. The per-row switches are Python
-    values so that unused stages are skipped without a device sync.
+    probability is below min_p times the top probability. typical-p (LoRAX/TGI's `typical_p`,
+    HF's TypicalLogitsWarper) keeps the tokens whose surprisal is closest to the distribution's
+    entropy until their mass reaches p (`_typical`). The per-row switches are Python values so
+    that unused stages are skipped without a device sync.
     """
     B, V = logits.shape
     device = logits.device
@@ -211,9 +215,30 @@ def filter_logits(
         probs = out.softmax(dim=-1)
         threshold = m * probs.amax(dim=-1, keepdim=True)
         out = out.masked_fill(probs < threshold, _NEG_INF)
+    if typical_p is not None and any(p < 1.0 for p in typical_p):
+        out = _typical(out, typical_p)
     if out is logits:
         out = logits.clone()
     return out
+
+
+def _typical(logits: torch.Tensor, typical_p: list[float]) -> torch.Tensor:
+    """Locally typical sampling (Meister et al. 2022): order tokens by |surprisal - entropy|,
+    keep the shortest prefix of that order whose probability mass reaches p (always at least the
+    first token). Rows with p == 1 get mass +inf, which keeps every token."""
+    V = logits.shape[-1]
+    mass = torch.tensor([p if p < 1.0 else float("inf") for p in typical_p], dtype=torch.float32)
+    mass = mass.to(logits.device).unsqueeze(1)
+    logp = logits.log_softmax(dim=-1)
+    entropy = -(logp * logp.exp()).nansum(dim=-1, keepdim=True)
+    shifted = (-logp - entropy).abs()
+    sorted_shift, order = shifted.sort(dim=-1)
+    cum = logits.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+    last = (cum < mass).sum(dim=1).clamp_(max=V - 1)
+    drop_sorted = sorted_shift > sorted_shift.gather(1, last.unsqueeze(1))
+    drop_sorted[:, 0] = False
+    drop = drop_sorted.scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, _NEG_INF)
 
 
 class Sampler:
@@ -279,7 +304,8 @@ class Sampler:
             temp = torch.tensor([p.temperature for p in rp], dtype=torch.float32).to(device)
             scaled = x[r_idx] / temp.unsqueeze(1)
             filtered = filter_logits(
-                scaled, [p.top_k for p in rp], [p.top_p for p in rp], [p.min_p for p in rp]
+                scaled, [p.top_k for p in rp], [p.top_p for p in rp], [p.min_p for p in rp],
+                [p.typical_p for p in rp],
             )
             probs = filtered.softmax(dim=-1)
             noise = self._noise([rows[i].generator for i in rand], V, device)

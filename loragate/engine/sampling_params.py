@@ -29,6 +29,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    typical_p: float = 1.0  # locally typical sampling (LoRAX/TGI's typical_p); 1 disables it
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field; the gateway turns it into a 400."""
@@ -46,6 +47,8 @@ class SamplingParams:
             raise ValueError("presence_penalty must be in [-2, 2]")
         if not -2 <= self.frequency_penalty <= 2:
             raise ValueError("frequency_penalty must be in [-2, 2]")
+        if not 0 < self.typical_p <= 1:
+            raise ValueError("typical_p must be in (0, 1]")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}]")
         for tok, bias in self.logit_bias.items():

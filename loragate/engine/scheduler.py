@@ -8,6 +8,12 @@ slot (loads happen on the adapter cache's own thread, so the step never waits fo
 first chunk's KV blocks are free. When blocks run out, the most recently admitted sequence is
 preempted (its blocks freed, recomputed later): no request is ever dropped.
 
+With prefix caching (prefix_cache.py) a request starts from the longest run of computed blocks
+cached for its adapter's content and its leading tokens: only the rest is scheduled, and only that
+is charged to its client. A head whose next block another running sequence is computing this very
+step waits a step to share it (n > 1 choices, bursts of one system prompt). A preempted sequence
+finds its own blocks again if they were not reclaimed meanwhile.
+
 The scheduler decides; the engine executes (vLLM v1's split).
 """
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from loragate.engine.config import EngineConfig
 from loragate.engine.kv_cache import KVCache
+from loragate.engine.prefix_cache import BASE_IDENTITY, Match, adapter_identity
 from loragate.engine.sequence import Sequence, SeqState
 
 if TYPE_CHECKING:
@@ -91,8 +98,7 @@ class Scheduler:
         seq.state = SeqState.FINISHED
 
     def _release(self, seq: Sequence) -> None:
-        self.kv.allocator.free(seq.block_table)
-        seq.block_table = []
+        self.kv.allocator.release(seq)  # frees its blocks; cached ones stay for others
         if seq.request.adapter and self.adapters is not None and seq.slot >= 0:
             self.adapters.release(seq.request.adapter)
         seq.slot = -1
@@ -115,6 +121,22 @@ class Scheduler:
             return False
         seq.block_table.extend(self.kv.allocator.allocate(need))
         return True
+
+    # ---- prefix caching ---------------------------------------------------------------------
+    def _identity(self, seq: Sequence) -> bytes | None:
+        """Whose KV seq's blocks hold: the base model's, or its adapter's content as now resident
+        (None: not cacheable, e.g. an adapter built without a digest)."""
+        if not self.kv.allocator.enabled:
+            return None
+        name = seq.request.adapter
+        if not name or self.adapters is None:
+            return BASE_IDENTITY
+        digest = self.adapters.digest_of(name)
+        return adapter_identity(digest) if digest else None
+
+    def _match(self, seq: Sequence) -> tuple[bytes | None, Match]:
+        identity = self._identity(seq)
+        return identity, self.kv.allocator.match(seq, identity)
 
     # ---- the decision -----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -164,18 +186,27 @@ class Scheduler:
                 head = queue[0]
                 if self._adapter_slot(head, out) is None:
                     continue
+                if self._match(head)[1].pending:
+                    continue  # its next block is being computed by a running sequence: share it
                 candidates.append((client, head.request.arrival_time))
             if not candidates:
                 return
             client = self.policy.pick(candidates)
             seq = self.queues[client][0]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self._grow(seq, seq.num_computed + n):
+            identity, match = self._match(seq)
+            start = len(match.blocks) * self.kv.block_size  # cached tokens, whole blocks
+            n = min(seq.num_tokens - start, budget)
+            need = self.kv.blocks_needed(start + n) - len(match.blocks)
+            if not self.kv.allocator.can_start(match, need):
                 return  # no memory for the fairest choice: wait rather than skip past it
-            self.queues[client].popleft()
             slot = -1
             if seq.request.adapter and self.adapters is not None:
                 slot = self.adapters.acquire(seq.request.adapter)
+                if identity is not None and self._identity(seq) != identity:
+                    self.adapters.release(seq.request.adapter)  # reloaded with other content meanwhile
+                    return
+            self.queues[client].popleft()
+            self._start(seq, identity, match, start + n)
             seq.slot = slot
             seq.state = SeqState.RUNNING
             if seq.admitted_at is None:
@@ -183,6 +214,22 @@ class Scheduler:
             self.running.append(seq)
             self._add_scheduled(out, seq, n)
             budget -= n
+
+    def _start(self, seq: Sequence, identity: bytes | None, match: Match, upto: int) -> None:
+        """Give an admitted seq its matched blocks, then blocks up to position `upto` (the caller
+        checked that both fit). The first admission records what the prompt found cached; cached
+        tokens are never charged to the client."""
+        pool = self.kv.allocator
+        pool.start(seq, identity, match)
+        if not self._grow(seq, upto):
+            raise RuntimeError("KV blocks checked free were not")
+        if seq.admitted_at is None:
+            cached = min(seq.num_computed, len(seq.prompt_ids))
+            seq.num_cached_tokens = cached
+            seq.prompt_charged = max(seq.prompt_charged, cached)
+            if identity is not None:
+                pool.queries += len(seq.prompt_ids)
+                pool.hits += cached
 
     def _adapter_slot(self, head: Sequence, out: SchedulerOutput) -> int | None:
         """The head's device slot (-1 for base), or None if it cannot run yet. Heads whose adapter

@@ -14,6 +14,7 @@ import torch
 
 from loragate.engine.detokenizer import TextStream
 from loragate.engine.outputs import EngineRequest
+from loragate.engine.prefix_cache import PrefixState
 
 
 class SeqState(enum.Enum):
@@ -38,6 +39,8 @@ class Sequence:
     admitted_at: float | None = None
     first_token_at: float | None = None
     preemptions: int = 0
+    prefix: PrefixState = field(default_factory=PrefixState)  # its place in the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens the first admission found cached (usage reports them)
 
     @property
     def request_id(self) -> str:

@@ -15,9 +15,21 @@ from loragate import __version__
 from loragate.gateway.auth import KeyStore
 from loragate.gateway.context import GatewayContext
 from loragate.gateway.errors import install_error_handlers
+from loragate.gateway.limits import BodyLimitMiddleware, json_items_limit
 from loragate.gateway.metrics import GatewayMetrics
 from loragate.gateway.middleware import RequestLogMiddleware
-from loragate.gateway.routes import adapters, chat, completions, health, metrics, models, playground
+from loragate.gateway.openapi import install_openapi
+from loragate.gateway.routes import (
+    adapters,
+    chat,
+    completions,
+    health,
+    lorax,
+    metrics,
+    models,
+    playground,
+    vllm,
+)
 from loragate.gateway.settings import GatewaySettings
 
 
@@ -36,12 +48,15 @@ def create_app(engine, settings: GatewaySettings | None = None) -> FastAPI:
             await engine.shutdown()
 
     app = FastAPI(title="loragate", version=__version__, lifespan=lifespan)
-    app.state.ctx = GatewayContext(engine=engine, settings=settings, keys=keys, metrics=gateway_metrics)
+    app.state.ctx = GatewayContext(engine=engine, settings=settings, keys=keys, metrics=gateway_metrics,
+                                   max_json_items=settings.max_json_items or json_items_limit(engine))
     app.state.created = int(time.time())
     install_error_handlers(app)
-    for module in (chat, completions, models, adapters, health, metrics):
+    install_openapi(app)
+    for module in (chat, completions, models, adapters, health, metrics, lorax, vllm):
         app.include_router(module.router)
     if settings.playground:
         app.include_router(playground.router)
-    app.add_middleware(RequestLogMiddleware, metrics=gateway_metrics)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes, render=lorax.render_error)
+    app.add_middleware(RequestLogMiddleware, metrics=gateway_metrics)  # outermost
     return app

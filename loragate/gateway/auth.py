@@ -15,7 +15,12 @@ Keys come from two places:
   `adapters` is a list of adapter names or "*" for all (default: none); `base` (default true)
   says whether the key may use the base model; `admin` (default false) allows
   `POST/DELETE /v1/adapters`; `tenant` (default: the entry's position, "key-N") is what the
-  engine's fair scheduler counts.
+  engine's fair scheduler counts. `sources` (default none) lists the remote adapter sources the
+  key may load adapters from (`"hub"`, `"s3"`, or "*" for every source the server enables with
+  `--adapter-source`); `adapters` scopes local adapter names only.
+  `max_concurrent` (requests in flight) and `tokens_per_minute`
+  (prompt + completion tokens) limit one key; past them it gets 429 with Retry-After
+  (`quotas.py`).
 
 With no keys configured at all the server is open: every caller has full access.
 
@@ -30,7 +35,7 @@ import hmac
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loragate.gateway.errors import APIError
 
@@ -44,6 +49,9 @@ class KeyFileEntry(BaseModel):
     adapters: list[str] | Literal["*"] = Field(default_factory=list)
     base: bool = True
     admin: bool = False
+    sources: list[Literal["hub", "s3"]] | Literal["*"] = Field(default_factory=list)
+    max_concurrent: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
 
 
 class KeyFile(BaseModel):
@@ -59,12 +67,20 @@ class Principal:
     adapters: frozenset[str] | None  # None = every adapter
     base: bool = True
     admin: bool = False
+    remote_sources: frozenset[str] | None = frozenset()  # None = every enabled source
+    key_id: str = ""  # which key (its entry's position, never the key itself): per-key limits
+    max_concurrent: int | None = None
+    tokens_per_minute: int | None = None
 
     def can_use_adapter(self, name: str) -> bool:
         return self.adapters is None or name in self.adapters
 
+    def can_use_source(self, source: str) -> bool:
+        """Local adapters are scoped by `adapters`; a remote source needs its own allowance."""
+        return source == "local" or self.remote_sources is None or source in self.remote_sources
 
-OPEN = Principal(tenant=None, adapters=None, base=True, admin=True)
+
+OPEN = Principal(tenant=None, adapters=None, base=True, admin=True, remote_sources=None)
 
 
 def _digest(key: str) -> bytes:
@@ -84,15 +100,23 @@ class KeyStore:
     @classmethod
     def build(cls, api_keys: tuple[str, ...] | list[str] = (), keys_file: dict[str, Any] | None = None,
               admin_keys: tuple[str, ...] | list[str] = ()) -> "KeyStore":
-        """Raises pydantic.ValidationError (a ValueError) on a malformed keys file."""
+        """Raises ValueError on a malformed keys file, naming the entry and field but never quoting
+        the file's values (they are keys)."""
         entries: list[tuple[str, Principal]] = []
         for i, key in enumerate([*api_keys, *admin_keys]):
-            entries.append((key, Principal(tenant=f"admin-{i}", adapters=None, base=True, admin=True)))
+            entries.append((key, Principal(tenant=f"admin-{i}", adapters=None, base=True, admin=True,
+                                           remote_sources=None, key_id=f"admin-{i}")))
         if keys_file is not None:
-            parsed = KeyFile.model_validate(keys_file)
+            try:
+                parsed = KeyFile.model_validate(keys_file)
+            except ValidationError as exc:
+                where = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'file'}: {e['msg']}" for e in exc.errors())
+                raise ValueError(f"invalid keys file: {where}") from None
             for i, e in enumerate(parsed.keys):
                 adapters = None if e.adapters == "*" else frozenset(e.adapters)
-                entries.append((e.key, Principal(e.tenant or f"key-{i}", adapters, e.base, e.admin)))
+                sources = None if e.sources == "*" else frozenset(e.sources)
+                entries.append((e.key, Principal(e.tenant or f"key-{i}", adapters, e.base, e.admin, sources,
+                                                 f"key-{i}", e.max_concurrent, e.tokens_per_minute)))
         return cls(entries)
 
     def lookup(self, key: str) -> Principal | None:

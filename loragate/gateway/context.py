@@ -3,7 +3,6 @@ the app's `GatewayContext`, the request's `RequestRecord` (read by the logging m
 authentication, and JSON body parsing in the OpenAI error shape."""
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -13,8 +12,9 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from loragate.gateway.auth import KeyStore, Principal
-from loragate.gateway.errors import bad_request
+from loragate.gateway.limits import load_json_body
 from loragate.gateway.metrics import GatewayMetrics
+from loragate.gateway.quotas import KeyQuotas
 from loragate.gateway.settings import GatewaySettings
 
 M = TypeVar("M", bound=BaseModel)
@@ -31,6 +31,8 @@ class RequestRecord:
     completion_tokens: int = 0
     counted: bool = False  # an inference request: counted in loragate_requests
     outcome: str | None = None  # overrides the HTTP status for streams (aborted | error)
+    principal: Principal | None = None  # set by `authenticate`; per-key limits read it
+    receive: Any = None  # the ASGI receive channel, so generations notice a client that left
 
 
 @dataclass
@@ -40,6 +42,11 @@ class GatewayContext:
     keys: KeyStore
     metrics: GatewayMetrics
     inflight: int = 0
+    waiting: int = 0  # engine requests submitted that have not produced their first output yet
+    draining: bool = False  # SIGTERM received: /health and new inference answer 503
+    generations: set = field(default_factory=set)  # live `Generation`s, ended by a drain's deadline
+    quotas: KeyQuotas = field(default_factory=KeyQuotas)
+    max_json_items: int = 1 << 18  # settings.max_json_items, or derived from the model by create_app
 
 
 def get_ctx(request: Request) -> GatewayContext:
@@ -54,20 +61,20 @@ def get_record(request: Request) -> RequestRecord:
     return rec
 
 
-def authenticate(request: Request) -> Principal:
-    """FastAPI dependency: runs before the body is read, so a bad key is 401 whatever the body."""
-    return get_ctx(request).keys.authenticate(request.headers.get("authorization"))
+async def authenticate(request: Request) -> Principal:
+    """FastAPI dependency: runs before the body is read, so a bad key is 401 whatever the body.
+    Async so that it runs on the event loop instead of a worker thread (it only hashes a key)."""
+    principal = get_ctx(request).keys.authenticate(request.headers.get("authorization"))
+    rec = get_record(request)
+    rec.principal = principal
+    if rec.receive is None:
+        rec.receive = request.receive
+    return principal
 
 
 async def parse_body(request: Request, model: type[M]) -> M:
-    """Parse JSON ourselves so auth runs first and malformed JSON is a 400 in the OpenAI shape."""
-    raw = await request.body()
-    if not raw:
-        raise bad_request("request body is required")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"invalid JSON body: {exc}") from None
-    if not isinstance(data, dict):
-        raise bad_request("request body must be a JSON object")
+    """Parse JSON ourselves so auth runs first and malformed JSON is a 400 in the OpenAI shape;
+    the body's size, nesting, array lengths and unicode are bounded first (`limits.py`)."""
+    ctx = get_ctx(request)
+    data = load_json_body(await request.body(), ctx.settings.max_json_depth, ctx.max_json_items)
     return model.model_validate(data)  # ValidationError -> 400 by the installed handler

@@ -12,6 +12,7 @@ from loragate.gateway.protocol import (
     ChatLogprobs,
     ChatTokenLogprob,
     CompletionLogprobs,
+    PromptTokensDetails,
     TopLogprob,
     Usage,
 )
@@ -27,6 +28,7 @@ class ChoiceState:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
 
     def add(self, out: RequestOutput) -> None:
         self.text.append(out.new_text)
@@ -35,16 +37,23 @@ class ChoiceState:
             self.logprobs.extend(out.new_logprobs)
         if out.prompt_tokens:
             self.prompt_tokens = out.prompt_tokens
+            self.cached_tokens = out.cached_tokens
         self.completion_tokens = max(self.completion_tokens, out.completion_tokens, len(self.token_ids))
         if out.finished:
             self.finish_reason = out.finish_reason
 
 
-def usage(prompt_tokens: int, choices: list[ChoiceState]) -> Usage:
-    """Prompt tokens once per distinct prompt (as OpenAI bills n>1), completion tokens summed."""
+def usage(prompt_tokens: int, choices: list[ChoiceState], n: int | None = None) -> Usage:
+    """Prompt tokens once per distinct prompt (as OpenAI bills n>1), completion tokens summed.
+    `choices` are grouped n per prompt (default: all one prompt); a prompt's cached tokens are the
+    fewest any of its choices found cached, i.e. what was cached before this request (its other
+    choices share the blocks the first one computes)."""
     completion = sum(c.completion_tokens for c in choices)
+    n = n or len(choices) or 1
+    cached = sum(min(c.cached_tokens for c in choices[i:i + n]) for i in range(0, len(choices), n))
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                 total_tokens=prompt_tokens + completion)
+                 total_tokens=prompt_tokens + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 def chat_logprobs(tokenizer, lps: list[TokenLogprob], top_n: int) -> ChatLogprobs:

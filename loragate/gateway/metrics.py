@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from loragate.gateway.vllm_metrics import VllmMetrics
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 TIERS = ("device", "cpu", "disk", "loading", "failed")
@@ -45,6 +47,20 @@ class GatewayMetrics:
                                   ["adapter", "tier"], registry=r)
         self.adapter_load_seconds = Gauge("loragate_adapter_load_seconds", "Duration of the adapter's last load",
                                           ["adapter"], registry=r)
+        self.vllm = VllmMetrics(r)  # the endpoint picker's names (Gateway API Inference Extension)
+        self.adapter_slots = Gauge("loragate_adapter_slots_total",
+                                   "Adapter slots on the device (--max-loras, or what auto sized from memory)",
+                                   registry=r)
+        self.adapter_slots_used = Gauge("loragate_adapter_slots_used", "Adapter slots holding an adapter",
+                                        registry=r)
+        # prefix cache: engine totals, turned into counters by the increase since the last scrape
+        self.prefix_queries = Counter("loragate_prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                      "cache", registry=r)
+        self.prefix_hits = Counter("loragate_prefix_cache_hits", "Prompt tokens found in the prefix cache "
+                                   "(not prefilled again)", registry=r)
+        self.prefix_blocks = Gauge("loragate_prefix_cache_blocks", "KV blocks holding cached prefixes "
+                                   "(in use or reclaimable)", registry=r)
+        self._prefix_seen = (0, 0)
 
     def observe_engine(self, engine) -> None:
         """Sample engine-level gauges; tolerate a dead engine (its stats are still readable)."""
@@ -55,13 +71,30 @@ class GatewayMetrics:
         self.kv_total.set(s.kv_blocks_total)
         self.kv_usage.set(s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0)
         self.alive.set(1 if engine.is_alive else 0)
+        seen_q, seen_h = self._prefix_seen
+        self.prefix_queries.inc(max(0, s.prefix_cache_queries - seen_q))
+        self.prefix_hits.inc(max(0, s.prefix_cache_hits - seen_h))
+        self._prefix_seen = (max(s.prefix_cache_queries, seen_q), max(s.prefix_cache_hits, seen_h))
+        self.prefix_blocks.set(s.prefix_cache_blocks)
         self.adapter_tier.clear()
         self.adapter_load_seconds.clear()
-        for a in engine.list_adapters():
+        adapters = engine.list_adapters()
+        self.adapter_slots.set(getattr(s, "lora_slots", 0))
+        self.adapter_slots_used.set(sum(1 for a in adapters if a.tier == "device"))
+        for a in adapters:
             for tier in TIERS:
                 self.adapter_tier.labels(a.name, tier).set(1 if a.tier == tier else 0)
             if a.last_load_seconds is not None:
                 self.adapter_load_seconds.labels(a.name).set(a.last_load_seconds)
+
+    def forget_adapter(self, name: str) -> None:
+        """Drop every series labelled with a deleted adapter, so that adapter churn (register,
+        serve, delete, under ever new names) cannot grow the registry without bound."""
+        for metric in (self.requests, self.ttft, self.itl, self.e2e, self.queue_time, self.prompt_tokens,
+                       self.generation_tokens, self.adapter_requests, self.adapter_load_seconds):
+            for labels in list(getattr(metric, "_metrics", {})):
+                if labels and labels[0] == name:
+                    metric.remove(*labels)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -30,7 +30,7 @@ class RequestLogMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rec = RequestRecord()
+        rec = RequestRecord(receive=receive)
         scope.setdefault("state", {})["record"] = rec
         status = 500
         started = False

@@ -15,8 +15,18 @@ def reject_unsupported(fields: list[tuple[str, str]]) -> None:
                        "unsupported_parameter")
 
 
+# The engine checks every generated token against each stop sequence and stop token id on its own
+# thread, so their number is bounded: 100k stop strings made every step of every request slower.
+MAX_STOP_SEQUENCES = 64
+MAX_STOP_TOKEN_IDS = 1024
+
+
 def sampling_params(req, max_tokens: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
     """Translate request fields to SamplingParams; any invalid value is a 400 naming the field."""
+    if len(req.stop_list()) > MAX_STOP_SEQUENCES:
+        raise bad_request(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed", "stop")
+    if len(req.stop_token_ids or []) > MAX_STOP_TOKEN_IDS:
+        raise bad_request(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are allowed", "stop_token_ids")
     bias: dict[int, float] = {}
     for key, value in (req.logit_bias or {}).items():
         try:

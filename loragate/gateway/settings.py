@@ -19,7 +19,19 @@ class GatewaySettings:
     allowed_adapter_dirs: `POST /v1/adapters` only accepts paths inside one of these.
     max_concurrent_requests: requests the gateway keeps in flight before answering 429
         (None = leave queueing limits to the engine).
-    retry_after_seconds: value of the Retry-After header on 429.
+    retry_after_seconds: value of the Retry-After header on 429 and 503.
+    max_request_bytes: largest request body accepted (413 above it).
+    max_json_depth / max_json_items: deepest nesting and longest array (or object) a JSON body
+        may have; checked before the body is parsed into a model (400 above them). None for
+        max_json_items = the longest array a valid request can need: max(4096, the context
+        length, the vocabulary size), so a body cannot make validation walk a million items.
+    max_choices: engine requests one HTTP request may start (prompts x n; 400 above it).
+    max_waiting: requests submitted but not yet producing tokens, across all clients, before new
+        ones are answered 503 with Retry-After (None = no bound besides the engine's queue).
+    max_stream_buffer: outputs one choice may have waiting for a slow client before the request
+        is aborted (its KV blocks and slot freed).
+    shutdown_timeout: seconds in-flight requests get to finish after SIGTERM.
+    metrics_auth: "open" (anyone may read /metrics, like vLLM) or "admin" (admin keys only).
     playground: serve the static playground page (`routes/playground.py`) at / and /playground.
     """
 
@@ -31,4 +43,12 @@ class GatewaySettings:
     retry_after_seconds: int = 1
     system_fingerprint: str = "fp_loragate"
     extra: dict[str, Any] = field(default_factory=dict)
+    max_request_bytes: int = 4 << 20
+    max_json_depth: int = 64
+    max_json_items: int | None = None
+    max_choices: int = 512
+    max_waiting: int | None = 1024
+    max_stream_buffer: int = 512
+    shutdown_timeout: float = 30.0
+    metrics_auth: str = "open"
     playground: bool = True  # serve the playground page at / and /playground

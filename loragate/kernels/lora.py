@@ -2,9 +2,11 @@
 native kernel (lora_cpu.py) where it built, and the torch reference otherwise.
 
 `LORAGATE_LORA_BACKEND=triton|torch` forces Triton or not (tests use it to run the Triton kernels
-on CPU tensors under `TRITON_INTERPRET=1`); `LORAGATE_CPU_KERNELS=torch` turns the native CPU
+on CPU tensors, which lora_triton launches through Triton's interpreter); `LORAGATE_CPU_KERNELS=torch` turns the native CPU
 kernel off (see loragate.kernels.native). The variables are read on every call so a test can
 switch them; triton is imported lazily, so the package works where triton is not installed.
+`disable_triton` is the engine's switch (its start-up self-check found the Triton kernels unusable,
+or the server runs with `--lora-kernels torch`): CUDA tensors then take the torch reference too.
 """
 from __future__ import annotations
 
@@ -27,6 +29,25 @@ BACKENDS = ("torch", "triton")
 NATIVE_MAX_LEN = 64
 
 
+_triton_disabled: str | None = None  # why the Triton kernels are switched off, or None
+
+
+def disable_triton(reason: str) -> None:
+    """Route every op through the torch path for the rest of the process (or until enabled)."""
+    global _triton_disabled
+    _triton_disabled = reason
+
+
+def enable_triton() -> None:
+    global _triton_disabled
+    _triton_disabled = None
+
+
+def triton_disabled() -> str | None:
+    """Why the Triton kernels are switched off, or None when they are not."""
+    return _triton_disabled
+
+
 @lru_cache(maxsize=1)
 def _triton_module() -> ModuleType | None:
     """`lora_triton`, or None when triton cannot be imported here."""
@@ -38,7 +59,7 @@ def _triton_module() -> ModuleType | None:
 
 
 def triton_available() -> bool:
-    return _triton_module() is not None
+    return _triton_disabled is None and _triton_module() is not None
 
 
 def select_backend(tensor: torch.Tensor) -> str:
@@ -48,7 +69,8 @@ def select_backend(tensor: torch.Tensor) -> str:
         if forced not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV} must be one of {BACKENDS}, got {forced!r}")
         if forced == "triton" and not triton_available():
-            raise RuntimeError(f"{BACKEND_ENV}=triton but triton cannot be imported")
+            why = f"the Triton kernels are disabled ({_triton_disabled})" if _triton_disabled else "triton cannot be imported"
+            raise RuntimeError(f"{BACKEND_ENV}=triton but {why}")
         return forced
     return "triton" if tensor.is_cuda and triton_available() else "torch"
 

@@ -9,22 +9,30 @@ Shapes and conventions are those of `lora_ref.py`: `t` is float32 `[T, S, R]`; t
 only segment rows (all R columns, zeros past `r`); the expand reads only segment rows and the first
 `r` columns of `t`, and each y element is owned by exactly one program (load-add-store, no atomics).
 This module imports triton at import time; `lora.py` imports it lazily.
+
+Compiled or interpreted is chosen per call by the tensors' device, never by `TRITON_INTERPRET`:
+each kernel is kept in both of Triton's forms (`_Kernel`), CUDA tensors launch the compiled one and
+CPU tensors (the interpreter tests, the self-check on a host without a GPU) the interpreted one.
+`triton.jit` would pick one form for the whole process when this module is first imported, so one
+test that sets `TRITON_INTERPRET=1` for its CPU checks used to make every later CUDA launch in the
+same process run interpreted (the first GPU run's test failures).
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 from loragate.kernels.layout import LoraBatchLayout
 from loragate.kernels.lora_ref import check_shapes
 
 
-@triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, t_ptr,
     seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, seg_ranks_ptr,
@@ -53,7 +61,9 @@ def _shrink_kernel(
 
     x_rows = x_ptr + rows[:, None] * stride_xm
     a_base = a_ptr + slot * stride_al + sl * stride_as + offs_r[None, :] * stride_ar
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    # tl.full, not tl.zeros: zeros is a jit function of triton's standard library, which the
+    # interpreter can only call when triton itself was imported under TRITON_INTERPRET=1
+    acc = tl.full((BLOCK_M, BLOCK_R), 0.0, dtype=tl.float32)
     for k0 in range(0, in_dim, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < in_dim
@@ -69,7 +79,6 @@ def _shrink_kernel(
     tl.store(t_ptrs, acc, mask=row_mask[:, None] & (offs_r < max_rank)[None, :])
 
 
-@triton.jit
 def _expand_kernel(
     y_ptr, t_ptr, b_ptr, slice_offs_ptr,
     seg_starts_ptr, seg_lens_ptr, seg_slots_ptr, seg_ranks_ptr, seg_scales_ptr,
@@ -123,6 +132,60 @@ def _expand_kernel(
     tl.store(y_ptrs, (yt + delta).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+class _Kernel:
+    """One kernel in both of Triton's forms: compiled for CUDA tensors, interpreted (made on first
+    use) for CPU tensors, whatever `TRITON_INTERPRET` said when this module was imported."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.compiled = JITFunction(fn)
+        self._interpreted = None
+
+    @property
+    def interpreted(self):
+        if self._interpreted is None:
+            from triton.runtime.interpreter import InterpretedFunction
+
+            self._interpreted = InterpretedFunction(self.fn)
+        return self._interpreted
+
+    def on(self, device: torch.device):
+        """The form that runs on `device`'s tensors."""
+        return self.compiled if device.type == "cuda" else self.interpreted
+
+    def launch(self, device: torch.device, grid: tuple, *args, **kwargs) -> None:
+        if device.type != "cuda":
+            self.interpreted[grid](*args, **kwargs)
+        elif os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):  # the usual case: one dict lookup
+            self.compiled[grid](*args, **kwargs)
+        else:
+            with _compiling_as_compiled():
+                self.compiled[grid](*args, **kwargs)
+
+
+@contextmanager
+def _compiling_as_compiled():
+    """Triton's interpret knob off for a compiled launch: its constexpr functions consult the knob
+    while compiling (triton.runtime.jit.constexpr_function), so with TRITON_INTERPRET=1 set they
+    would hand the code generator plain values. Triton versions without knobs need nothing."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime is None or not getattr(runtime, "interpret", False):
+        yield
+        return
+    with runtime.scope():
+        runtime.interpret = False
+        yield
+
+
+SHRINK = _Kernel(_shrink_kernel)
+EXPAND = _Kernel(_expand_kernel)
+
+
+def interpreted(device: torch.device) -> bool:
+    """Whether launches on `device`'s tensors run Triton's CPU interpreter."""
+    return device.type != "cuda"
+
+
 def _pow2_at_least(n: int, lo: int) -> int:
     return max(lo, triton.next_power_of_2(max(n, 1)))
 
@@ -132,11 +195,11 @@ def _block_m(layout: LoraBatchLayout) -> int:
     return 16 if layout.max_seg_len <= 16 else 32 if layout.max_seg_len <= 256 else 64
 
 
-def _dot_mode(dtype: torch.dtype) -> dict:
+def _dot_mode(dtype: torch.dtype, device: torch.device) -> dict:
     """Kernel constexprs for the dot of `dtype` operands. fp32 inputs use exact fp32 products
     (tf32 would break parity with the reference). Triton's CPU interpreter computes bf16 `tl.dot`
     wrongly (numpy has no bf16), so there the operands are widened to fp32 after rounding."""
-    widen = dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    widen = dtype == torch.bfloat16 and interpreted(device)
     ieee = dtype == torch.float32 or widen
     return {"PRECISION": "ieee" if ieee else "tf32", "DOT_FP32": widen}
 
@@ -153,16 +216,22 @@ def _shrink_into(x: torch.Tensor, A: torch.Tensor, layout: LoraBatchLayout, t: t
     S, R, in_dim = A.shape[1], A.shape[2], A.shape[3]
     block_m = _block_m(layout)
     grid = (len(layout.segments), triton.cdiv(layout.max_seg_len, block_m), S)
-    _shrink_kernel[grid](
+    # The interpreter gets the loop bound `in_dim` as a constexpr: a runtime int reaches the kernel
+    # as a one-element array there, and triton<=3.6's interpreter turns it into range()'s bound
+    # with int(array), which numpy>=2.4 refuses ("only 0-dimensional arrays can be converted").
+    # The compiled form keeps it a runtime argument (one binary for every input width).
+    in_dim_arg = tl.constexpr(in_dim) if interpreted(x.device) else in_dim
+    SHRINK.launch(
+        x.device, grid,
         x, A, t,
         layout.seg_starts, layout.seg_lens, layout.seg_slots, layout.seg_ranks,
-        in_dim, R,
+        in_dim_arg, R,
         x.stride(0), x.stride(1),
         A.stride(0), A.stride(1), A.stride(2), A.stride(3),
         t.stride(0), t.stride(1), t.stride(2),
         BLOCK_M=block_m, BLOCK_K=64 if in_dim >= 64 else 16 if in_dim <= 16 else 32,
         BLOCK_R=_pow2_at_least(layout.max_rank, 16),
-        **_dot_mode(x.dtype),
+        **_dot_mode(x.dtype, x.device),
     )
 
 
@@ -196,7 +265,8 @@ def lora_expand_triton(
     block_n = 64 if max_width >= 64 else 32 if max_width > 16 else 16
     n_col_blocks = triton.cdiv(max_width, block_n)
     grid = (len(layout.segments), triton.cdiv(layout.max_seg_len, block_m), S * n_col_blocks)
-    _expand_kernel[grid](
+    EXPAND.launch(
+        y.device, grid,
         y, t, B, _slice_offsets_tensor(offs, y.device),
         layout.seg_starts, layout.seg_lens, layout.seg_slots, layout.seg_ranks, layout.seg_scales,
         n_col_blocks,
@@ -204,7 +274,7 @@ def lora_expand_triton(
         t.stride(0), t.stride(1), t.stride(2),
         B.stride(0), B.stride(1), B.stride(2),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_pow2_at_least(layout.max_rank, 16),
-        **_dot_mode(B.dtype),
+        **_dot_mode(B.dtype, y.device),
     )
 
 

@@ -57,6 +57,7 @@ _builds: dict[str, NativeBuild] = {}
 _lock = threading.Lock()
 _name_locks: dict[str, threading.Lock] = {}
 _functions: dict[tuple[str, str], ctypes._CFuncPtr] = {}
+_disabled: set[str] = set()
 
 
 def compiler() -> str | None:
@@ -176,6 +177,24 @@ def forget(name: str) -> None:
         _builds.pop(name, None)
         for key in [k for k in _functions if k[0] == name]:
             del _functions[key]
+
+
+def disable(name: str, reason: str) -> None:
+    """Treat library `name` as unavailable (every op takes its torch path) until `enable`: the
+    engine's start-up self-check found it wrong, or the server runs with `--lora-kernels torch`."""
+    forget(name)
+    with _lock:
+        _builds[name] = NativeBuild(None, None, f"disabled: {reason}")
+        _disabled.add(name)
+
+
+def enable(name: str) -> None:
+    """Undo `disable` (the next `load` finds the built library again)."""
+    with _lock:
+        was = name in _disabled
+        _disabled.discard(name)
+    if was:
+        forget(name)
 
 
 def use_native(tensor: torch.Tensor, name: str) -> bool:

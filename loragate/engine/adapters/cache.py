@@ -27,6 +27,9 @@ from dataclasses import dataclass
 
 from loragate.engine.adapters.peft_loader import BaseModelInfo, LoadedAdapter, load_peft_adapter
 from loragate.engine.adapters.registry import AdapterRegistry
+from loragate.engine.adapters.virtual import RemoteAdapter
+from loragate.engine.adapters.virtual import build as build_virtual
+from loragate.engine.errors import AdapterLoadError
 from loragate.engine.model.lora import LoraWeights
 from loragate.engine.outputs import AdapterStats
 
@@ -57,6 +60,7 @@ class _Entry:
     error: str | None = None
     source_sig: tuple | None = None  # what the failed load read; a change allows a retry
     recheck: bool = False
+    digest: str | None = None  # content digest of what sits in the slot (set with it)
 
 
 def _source_signature(path: str | None) -> tuple | None:
@@ -165,6 +169,13 @@ class AdapterCache:
             e.last_used = self._next_tick()
             if e.refcount == 0:
                 self._cond.notify_all()  # a load waiting for a slot may proceed
+
+    def digest_of(self, name: str) -> str | None:
+        """Content digest of the adapter in `name`'s device slot (None unless resident): the prefix
+        cache's identity for it. Stable while a request holds the slot (acquire)."""
+        with self._cond:
+            e = self._entries.get(name)
+            return e.digest if e is not None and e.state == DEVICE else None
 
     def error_of(self, name: str) -> str | None:
         with self._cond:
@@ -323,6 +334,37 @@ class AdapterCache:
                 if self.on_change is not None:
                     self.on_change()
 
+    def _signature(self, name: str, depth: int = 0) -> tuple | None:
+        """What a load of `name` reads: files for a local adapter, a retry window for a remote one,
+        the parts' signatures for a merge. A failed load is retried once this changes."""
+        spec = self.registry.virtual(name)
+        if spec is None:
+            return _source_signature(self.registry.resolve(name))
+        if isinstance(spec, RemoteAdapter):
+            return spec.signature(self._clock())
+        if depth > 8:
+            return None
+        return ("merge", tuple(self._signature(c, depth + 1) for c in spec.components))
+
+    def _component(self, name: str) -> LoadedAdapter:
+        """A part of a merge (loader thread): from the CPU tier, else loaded and kept there."""
+        with self._cond:
+            hit = self._cpu.get(name)
+            if hit is not None:
+                self._cpu.move_to_end(name)
+                return hit
+        spec = self.registry.virtual(name)
+        if spec is not None:
+            loaded = build_virtual(spec, name, self.base, self.max_rank, self._component)
+        else:
+            path = self.registry.resolve(name)
+            if path is None:
+                raise AdapterLoadError(f"adapter {name!r} not found")
+            loaded = load_peft_adapter(path, name, self.base, self.max_rank)
+        with self._cond:
+            self._cpu_put(loaded)
+        return loaded
+
     def _current(self, e: _Entry) -> bool:
         return self._entries.get(e.name) is e
 
@@ -331,17 +373,21 @@ class AdapterCache:
         self._pending.pop(e.name, None)
 
     def _read(self, e: _Entry) -> None:
-        """Disk -> CPU, outside the lock."""
+        """Disk (or a remote source, or a merge) -> CPU, outside the lock."""
         t0 = time.perf_counter()
-        path = self.registry.resolve(e.name)
-        sig = _source_signature(path)
+        spec = self.registry.virtual(e.name)
+        path = self.registry.resolve(e.name) if spec is None else ""
+        sig = self._signature(e.name)
         loaded: LoadedAdapter | None = None
         err: str | None = None
         if path is None:
             err = f"adapter {e.name!r} not found"
         else:
             try:
-                loaded = load_peft_adapter(path, e.name, self.base, self.max_rank)
+                if spec is not None:
+                    loaded = build_virtual(spec, e.name, self.base, self.max_rank, self._component)
+                else:
+                    loaded = load_peft_adapter(path, e.name, self.base, self.max_rank)
             except Exception as exc:  # noqa: BLE001 - any failure is reported to the waiting requests
                 err = str(exc) or type(exc).__name__
         seconds = time.perf_counter() - t0
@@ -387,7 +433,7 @@ class AdapterCache:
                 if err is not None and self._current(e):
                     self._fail(e, err, None)
                 return
-            e.slot, e.state, e.staged = slot, DEVICE, None
+            e.slot, e.state, e.staged, e.digest = slot, DEVICE, None, loaded.digest or None
             e.load_count += 1
             e.last_load_seconds = e.read_seconds + seconds
             e.last_used = self._next_tick()
@@ -404,7 +450,7 @@ class AdapterCache:
 
     def _recheck(self, e: _Entry) -> None:
         """A failed adapter was requested again: retry only if its source changed (registry or files)."""
-        sig = _source_signature(self.registry.resolve(e.name))
+        sig = self._signature(e.name)
         with self._cond:
             if not self._current(e) or e.state != FAILED:
                 return

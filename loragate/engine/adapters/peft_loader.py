@@ -5,6 +5,14 @@ the base model before a single slot is touched, so a bad adapter fails its own r
 message naming the cause instead of producing silently wrong outputs. Pickled weights
 (`adapter_model.bin`) are refused outright: unpickling runs arbitrary code from an untrusted dir.
 
+Adapter folders are customer uploads, so their files are read as hostile (`safe_files.py`): every
+file must be a regular file inside the folder, sizes are bounded before reading (the weights by the
+largest valid adapter for this base at `max_rank`), the safetensors header is validated before any
+tensor is built, tensors are deserialised from memory rather than memory-mapped, NaN/inf weights,
+non-positive or enormous ranks and alphas are refused, and a folder that changed while it was read
+fails this load (the next request reads it again). Messages name the adapter and the cause, never
+the folder's path, because they reach API clients.
+
 PEFT lets each module have its own rank and alpha (`rank_pattern`, `alpha_pattern`), but a device
 slot carries one scale per adapter. We keep `scale = lora_alpha / r` (or `/ sqrt(r)` with rsLoRA)
 and fold each module's ratio `module_scale / scale` into its B, so `scale * B @ A` still equals
@@ -12,6 +20,7 @@ PEFT's delta weight for every module.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -19,9 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
 
+from loragate.engine.adapters.safe_files import (
+    MAX_JSON_DEPTH,
+    FileStamp,
+    UnsafeFileError,
+    check_unchanged,
+    parse_safetensors_header,
+    read_file,
+)
 from loragate.engine.errors import AdapterLoadError
+from loragate.engine.json_limits import nesting_depth
 from loragate.engine.model.lora import MODULE_TO_GROUP
 
 CONFIG_NAME = "adapter_config.json"
@@ -29,6 +47,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
 SUPPORTED_MODULES = tuple(MODULE_TO_GROUP)
 EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out")
+MAX_CONFIG_BYTES = 1 << 20  # real configs are about 1 KB
+MAX_LORA_ALPHA = 65536.0  # far above any trained adapter's (alpha is usually r or 2r)
 
 # <module path>.lora_<kind>[.<adapter name>].weight|bias ; the adapter-name infix is optional
 _TENSOR_RE = re.compile(
@@ -46,6 +66,8 @@ class BaseModelInfo:
     num_layers: int
     module_shapes: dict[str, tuple[int, int]]  # peft module name -> (in_features, out_features)
     dtype: torch.dtype
+    # modules the device slots hold, when they were sized for fewer than all (adapters/slots.py)
+    slot_modules: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -60,34 +82,73 @@ class LoadedAdapter:
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     targets: tuple[str, ...]
     nbytes: int
+    # content identity (hex): equal only for adapters that compute the same thing. The prefix cache
+    # keys KV blocks by it, never by the name; whoever builds a LoadedAdapter otherwise (merges in
+    # memory) must set it from the adapter's full specification.
+    digest: str = ""
 
 
 def _fail(name: str, msg: str) -> AdapterLoadError:
+    """The error for a refused adapter: names it and the cause, never its path, and stays short
+    however long the offending tensor name or value in a hostile file is."""
+    if len(msg) > 600:
+        msg = msg[:600] + "..."
     return AdapterLoadError(f"adapter {name!r}: {msg}")
 
 
-def _read_config(root: Path, name: str) -> dict:
-    path = root / CONFIG_NAME
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_rank(value: object, name: str, what: str, max_rank: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _fail(name, f"{CONFIG_NAME} has invalid {what}={str(value)[:40]} (a positive integer is required)")
+    if value > max_rank:
+        raise _fail(name, f"{CONFIG_NAME} has {what}={str(value)[:40]}, which exceeds max_lora_rank {max_rank}")
+
+
+def _check_alpha(value: object, name: str, what: str) -> None:
+    if not _number(value) or not math.isfinite(value) or value <= 0:
+        raise _fail(name, f"{CONFIG_NAME} has invalid {what}={str(value)[:40]} (a positive finite number is "
+                          "required)")
+    if value > MAX_LORA_ALPHA:
+        raise _fail(name, f"{CONFIG_NAME} has {what}={str(value)[:40]}, above the {MAX_LORA_ALPHA:g} accepted")
+
+
+def _read_config(root: Path, name: str, max_rank: int, stamps: list[FileStamp], boundary: Path | None) -> dict:
     if not root.is_dir():
-        raise _fail(name, f"no adapter directory at {str(root)!r}")
-    if not path.is_file():
-        raise _fail(name, f"{CONFIG_NAME} is missing in {str(root)!r}")
+        raise _fail(name, "the adapter directory does not exist")
+    if not (root / CONFIG_NAME).exists() and not (root / CONFIG_NAME).is_symlink():
+        raise _fail(name, f"{CONFIG_NAME} is missing")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raw, stamp = read_file(root, CONFIG_NAME, MAX_CONFIG_BYTES, boundary)
+    except UnsafeFileError as exc:
+        raise _fail(name, str(exc)) from None
+    stamps.append(stamp)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _fail(name, f"{CONFIG_NAME} is not valid JSON ({exc})") from None
+    if nesting_depth(text) > MAX_JSON_DEPTH:
+        raise _fail(name, f"{CONFIG_NAME} is nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        cfg = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise _fail(name, f"{CONFIG_NAME} is not valid JSON ({exc})") from None
     if not isinstance(cfg, dict):
         raise _fail(name, f"{CONFIG_NAME} must hold a JSON object")
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in cfg or cfg[key] is None:
             raise _fail(name, f"{CONFIG_NAME} is missing {key!r}")
-    if isinstance(cfg["r"], bool) or not isinstance(cfg["r"], int) or cfg["r"] <= 0:
-        raise _fail(name, f"{CONFIG_NAME} has invalid r={cfg['r']!r}")
-    if isinstance(cfg["lora_alpha"], bool) or not isinstance(cfg["lora_alpha"], (int, float)):
-        raise _fail(name, f"{CONFIG_NAME} has invalid lora_alpha={cfg['lora_alpha']!r}")
+    _check_rank(cfg["r"], name, "r", max_rank)
+    _check_alpha(cfg["lora_alpha"], name, "lora_alpha")
     for key in ("rank_pattern", "alpha_pattern"):
         if not isinstance(cfg.get(key) or {}, dict):
             raise _fail(name, f"{CONFIG_NAME} has invalid {key}")
+    for pattern, value in (cfg.get("rank_pattern") or {}).items():
+        _check_rank(value, name, f"rank_pattern[{pattern[:40]!r}]", max_rank)
+    for pattern, value in (cfg.get("alpha_pattern") or {}).items():
+        _check_alpha(value, name, f"alpha_pattern[{pattern[:40]!r}]")
     return cfg
 
 
@@ -128,23 +189,46 @@ def _check_features(cfg: dict, name: str) -> None:
             raise _fail(name, f"target module {t!r} is not supported (supported: {', '.join(SUPPORTED_MODULES)})")
 
 
-def _weights_file(root: Path, name: str) -> Path:
+def _weights_file(root: Path, name: str) -> str:
     path = root / WEIGHTS_NAME
-    if path.is_file():
-        return path
+    if path.exists() or path.is_symlink():
+        return WEIGHTS_NAME
     pickled = [p for p in PICKLED_NAMES if (root / p).exists()]
     if pickled:
         raise _fail(name, f"only pickled weights ({pickled[0]}) found: refusing to unpickle; "
                           f"convert the adapter to {WEIGHTS_NAME}")
-    raise _fail(name, f"{WEIGHTS_NAME} is missing in {str(root)!r}")
+    raise _fail(name, f"{WEIGHTS_NAME} is missing")
 
 
-def _read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+def max_weights_bytes(base: BaseModelInfo, max_rank: int) -> int:
+    """The largest safetensors file a valid adapter for `base` can be: every LoRA-capable module of
+    every layer at `max_rank` in float64, plus room for the header. Anything larger is refused
+    before it is read, so an upload cannot make the loader allocate more than this."""
+    per_layer = sum(max_rank * (i + o) for i, o in base.module_shapes.values())
+    n_tensors = 2 * base.num_layers * len(base.module_shapes)
+    return 8 * base.num_layers * per_layer + (1 << 20) + 512 * n_tensors
+
+
+def _read_tensors(root: Path, fname: str, name: str, limit: int, stamps: list[FileStamp],
+                  boundary: Path | None) -> dict[str, torch.Tensor]:
+    """Read the whole file into memory (bounded), validate its header, then deserialise from the
+    bytes: never memory-mapped, because a file truncated under a live mapping kills the process."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+        data, stamp = read_file(root, fname, limit, boundary)
+    except UnsafeFileError as exc:
+        raise _fail(name, str(exc)) from None
+    stamps.append(stamp)
+    try:
+        parse_safetensors_header(data)
+        tensors = load_safetensors(data)
+    except UnsafeFileError as exc:
+        raise _fail(name, f"{fname} could not be read: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types on corrupt files
-        raise _fail(name, f"{WEIGHTS_NAME} could not be read ({exc})") from None
+        raise _fail(name, f"{fname} could not be read ({type(exc).__name__}: {str(exc)[:200]})") from None
+    for tname, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise _fail(name, f"tensor {tname[:200]!r} contains NaN or infinite values")
+    return tensors
 
 
 def _module_key(module_path: str) -> str:
@@ -206,12 +290,21 @@ def _group_tensors(tensors: dict[str, torch.Tensor], name: str, base: BaseModelI
     return pairs
 
 
-def load_peft_adapter(path: str | Path, name: str, base: BaseModelInfo, max_rank: int) -> LoadedAdapter:
-    """Validate and read the PEFT adapter at `path`. Raises AdapterLoadError naming the cause."""
+def load_peft_adapter(path: str | Path, name: str, base: BaseModelInfo, max_rank: int,
+                      boundary: str | Path | None = None) -> LoadedAdapter:
+    """Validate and read the PEFT adapter at `path`. Raises AdapterLoadError naming the cause.
+    Its files must lie inside `path`, or inside `boundary` when given (see safe_files._inside)."""
     root = Path(path)
-    cfg = _read_config(root, name)
+    stamps: list[FileStamp] = []
+    boundary = Path(boundary) if boundary is not None else None
+    cfg = _read_config(root, name, max_rank, stamps, boundary)
     _check_features(cfg, name)
-    tensors = _read_tensors(_weights_file(root, name), name)
+    tensors = _read_tensors(root, _weights_file(root, name), name, max_weights_bytes(base, max_rank), stamps,
+                           boundary)
+    try:
+        check_unchanged(root, stamps, boundary)
+    except UnsafeFileError as exc:
+        raise _fail(name, str(exc)) from None
     if not tensors:
         raise _fail(name, f"{WEIGHTS_NAME} holds no tensors")
     pairs = _group_tensors(tensors, name, base)
@@ -233,6 +326,11 @@ def load_peft_adapter(path: str | Path, name: str, base: BaseModelInfo, max_rank
         a, b = ab["A"], ab["B"]
         if module not in base.module_shapes:
             raise _fail(name, f"the base model has no LoRA-capable {module}")
+        if base.slot_modules is not None and module not in base.slot_modules:
+            raise _fail(name, f"targets {module}, but this server's adapter slots hold only "
+                              f"{', '.join(base.slot_modules)}: --max-loras auto sized them at start-up for the "
+                              "modules the adapters registered then target; restart with --lora-target-modules all "
+                              "(or list the modules)")
         in_f, out_f = base.module_shapes[module]
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
             raise _fail(name, f"shape mismatch for {where}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
@@ -247,9 +345,7 @@ def load_peft_adapter(path: str | Path, name: str, base: BaseModelInfo, max_rank
             raise _fail(name, f"config says rank {r_expected} for {key!r} but the weights have rank {r_m}")
         alpha_m = float(_pattern_value(alpha_pattern, key, alpha_cfg))
         scale_m = alpha_m / (math.sqrt(r_m) if rslora else r_m)
-        if scale == 0 and scale_m != 0:
-            raise _fail(name, f"lora_alpha 0 with a non-zero alpha_pattern for {key!r} cannot be served")
-        ratio = scale_m / scale if scale != 0 else 0.0
+        ratio = scale_m / scale
         b32 = b.to(torch.float32)
         if ratio != 1.0:
             b32 = b32 * ratio
@@ -272,4 +368,19 @@ def load_peft_adapter(path: str | Path, name: str, base: BaseModelInfo, max_rank
         weights=weights,
         targets=tuple(m for m in SUPPORTED_MODULES if m in present),
         nbytes=nbytes,
+        digest=content_digest(cfg, weights, rank, scale),
     )
+
+
+def content_digest(cfg: dict, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], rank: int,
+                   scale: float) -> str:
+    """sha256 (hex) of an adapter's config and of its weights exactly as they will sit in a slot
+    (base dtype, per-module scales folded). Computed with the load, on the loader thread; hashlib
+    releases the GIL on large buffers, so the step loop keeps running meanwhile."""
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h.update(repr((rank, float(scale))).encode())
+    for (layer, module), (a, b) in sorted(weights.items()):
+        for part, t in (("A", a), ("B", b)):
+            h.update(f"|{layer}.{module}.{part}:{t.dtype}:{tuple(t.shape)}|".encode())
+            h.update(t.contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()

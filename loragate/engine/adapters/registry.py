@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from loragate.engine.errors import AdapterNotFoundError
 
 CONFIG_NAME = "adapter_config.json"
+MAX_VIRTUAL = 4096  # remote and merged adapters remembered at once (least recently used forgotten)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 
 
@@ -41,6 +44,8 @@ class AdapterRegistry:
         self._lock = threading.RLock()
         self._explicit: dict[str, str] = {}
         self._hidden: set[str] = set()  # adapter_dir entries unregistered through the admin API
+        # remote and merged adapters (engine/adapters/virtual.py), by their deterministic names
+        self._virtual: OrderedDict[str, Any] = OrderedDict()
         for name, path in adapters:
             if not is_valid_name(name):
                 raise ValueError(f"invalid adapter name {name!r}")
@@ -70,6 +75,25 @@ class AdapterRegistry:
             if name in self._hidden:
                 return None
         return self._from_dir(name)
+
+    def add_virtual(self, spec: Any) -> str:
+        """Remember a remote or merged adapter under `spec.name` (idempotent; marks it recently
+        used). Its names cannot collide with local ones: they contain ':' which those never do."""
+        name = spec.name
+        with self._lock:
+            self._virtual[name] = spec
+            self._virtual.move_to_end(name)
+            while len(self._virtual) > MAX_VIRTUAL:
+                self._virtual.popitem(last=False)
+        return name
+
+    def virtual(self, name: str) -> Any | None:
+        with self._lock:
+            return self._virtual.get(name)
+
+    def exists(self, name: str) -> bool:
+        """A local adapter that resolves, or a registered remote/merged one."""
+        return self.virtual(name) is not None or self.resolve(name) is not None
 
     def names(self) -> list[str]:
         """Explicit names, then those currently present in adapter_dir (sorted)."""
@@ -106,9 +130,9 @@ class AdapterRegistry:
                              "(no leading '.', no '..', no ':')")
         real = self._inside_allowed(path)
         if real is None:
-            raise ValueError(f"adapter path {path!r} is outside the allowed adapter directories")
+            raise ValueError("adapter path is outside the allowed adapter directories")
         if not real.is_dir():
-            raise ValueError(f"no adapter directory at {path!r}")
+            raise ValueError("no adapter directory at the given path")
         with self._lock:
             if self.resolve(name) is not None:
                 raise ValueError(f"adapter {name!r} already exists")

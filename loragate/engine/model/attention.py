@@ -24,6 +24,16 @@ class PrefillChunk:
     end: int
     kv_index: torch.Tensor  # [ctx] cache slots of the whole context, this chunk's tokens included
     fresh: bool  # the chunk is the whole context: attend to the freshly computed k/v directly
+    _mask: torch.Tensor | None = field(default=None, repr=False)
+
+    def mask(self) -> torch.Tensor:
+        """The bottom-right causal mask [n, ctx] of a chunk that follows computed context (a later
+        chunk of a long prompt, a prompt after its cached prefix): built by the first layer and
+        shared by the others."""
+        if self._mask is None:
+            n, ctx = self.end - self.start, self.kv_index.numel()
+            self._mask = torch.ones(n, ctx, dtype=torch.bool, device=self.kv_index.device).tril(diagonal=ctx - n)
+        return self._mask
 
 
 @dataclass
@@ -109,14 +119,18 @@ def paged_attention(
             mask = None
         else:
             kp, vp = kv_cache.index_select(1, chunk.kv_index).split(Hk)  # [Hk, ctx, D] each
-            n, ctx = chunk.end - chunk.start, chunk.kv_index.numel()
-            mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - n)
+            mask = chunk.mask()
         kp = kp.unsqueeze(0)
         vp = vp.unsqueeze(0)
-        if group > 1:
+        # a masked chunk on the CPU lets SDPA share KV heads itself rather than copying the whole
+        # context per query head (same result; measured 2-4x faster for a few dozen tokens over a
+        # 1k-token cached context, the common chunk once prefixes are cached)
+        gqa = group > 1 and mask is not None and q.device.type == "cpu"
+        if group > 1 and not gqa:
             kp = kp.repeat_interleave(group, dim=1)
             vp = vp.repeat_interleave(group, dim=1)
-        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None, scale=scale)
+        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                            enable_gqa=gqa)
         out[chunk.start:chunk.end] = op[0].transpose(0, 1)
     return out.reshape(T, Hq * D)
 

@@ -67,7 +67,12 @@ class LoraWeights:
         max_rank: int,
         device: torch.device,
         dtype: torch.dtype,
+        groups: tuple[str, ...] | None = None,
     ) -> None:
+        """`groups`: the only groups to allocate (the targets the slots were sized for, see
+        adapters/slots.py); adapters targeting others are refused when they load."""
+        if groups is not None:
+            specs = {g: s for g, s in specs.items() if g in groups}
         self.specs = specs
         self.num_layers = num_layers
         self.max_loras = max_loras

@@ -6,11 +6,13 @@ import time
 from fastapi import APIRouter, Depends, Request
 
 from loragate.engine.outputs import EngineRequest
+from loragate.gateway.adapter_select import resolve_request_model
 from loragate.gateway.auth import Principal
 from loragate.gateway.context import authenticate, get_ctx, get_record, parse_body
 from loragate.gateway.errors import APIError, bad_request
 from loragate.gateway.formatting import ChoiceState, chat_logprobs, usage
 from loragate.gateway.generation import Generation, collect, sse_events
+from loragate.gateway.openapi import json_body, streamed
 from loragate.gateway.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -20,7 +22,7 @@ from loragate.gateway.protocol import (
     ChatDelta,
     ChatResponseMessage,
 )
-from loragate.gateway.routing import check_context, resolve_model
+from loragate.gateway.routing import check_context
 from loragate.gateway.sampling import reject_unsupported, sampling_params, with_seed
 from loragate.gateway.streaming import SSEResponse, sse
 
@@ -58,14 +60,15 @@ def template_messages(req: ChatCompletionRequest) -> list[dict]:
     return out
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest),
+             responses=streamed(ChatCompletionResponse, 400, 401, 404, 413, 429, 500, 503))
 async def create_chat_completion(request: Request, principal: Principal = Depends(authenticate)):
     ctx, rec = get_ctx(request), get_record(request)
     rec.counted = True
     req = await parse_body(request, ChatCompletionRequest)
     reject_unsupported(req.unsupported_fields())
     engine = ctx.engine
-    target = resolve_model(engine, principal, req.model)
+    target = resolve_request_model(engine, principal, req)  # model, or LoRAX-style adapter fields
     rec.model = target.label
     try:
         prompt = engine.tokenizer.encode_chat(template_messages(req), add_generation_prompt=True)

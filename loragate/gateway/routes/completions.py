@@ -9,25 +9,28 @@ import time
 from fastapi import APIRouter, Depends, Request
 
 from loragate.engine.outputs import EngineRequest
+from loragate.gateway.adapter_select import resolve_request_model
 from loragate.gateway.auth import Principal
 from loragate.gateway.context import authenticate, get_ctx, get_record, parse_body
 from loragate.gateway.errors import bad_request
 from loragate.gateway.formatting import ChoiceState, completion_logprobs, usage
 from loragate.gateway.generation import Generation, collect, sse_events
+from loragate.gateway.openapi import json_body, streamed
 from loragate.gateway.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
 )
-from loragate.gateway.routing import check_context, resolve_model
+from loragate.gateway.routing import check_context
 from loragate.gateway.sampling import reject_unsupported, sampling_params, with_seed
 from loragate.gateway.streaming import SSEResponse, sse
 
 router = APIRouter()
 
 
-def prompts_of(req: CompletionRequest, tokenizer) -> list[tuple[str | None, list[int]]]:
-    """(text if given as text, token ids) for each prompt in the request."""
+def prompts_of(req: CompletionRequest, tokenizer, max_prompts: int | None = None) -> list[tuple[str | None, list[int]]]:
+    """(text if given as text, token ids) for each prompt in the request; more than `max_prompts`
+    prompts is a 400 before any of them is tokenized."""
     p = req.prompt
     if isinstance(p, str):
         items: list = [p]
@@ -37,6 +40,9 @@ def prompts_of(req: CompletionRequest, tokenizer) -> list[tuple[str | None, list
         items = [list(p)]
     else:
         items = list(p)
+    if max_prompts is not None and len(items) > max_prompts:
+        raise bad_request(f"this request asks for {len(items) * req.n} generations (prompts x n); at most "
+                          f"{max_prompts * req.n} are allowed", "prompt", "too_many_choices")
     out = []
     for item in items:
         if isinstance(item, str):
@@ -50,16 +56,17 @@ def prompts_of(req: CompletionRequest, tokenizer) -> list[tuple[str | None, list
     return out
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=json_body(CompletionRequest),
+             responses=streamed(CompletionResponse, 400, 401, 404, 413, 429, 500, 503))
 async def create_completion(request: Request, principal: Principal = Depends(authenticate)):
     ctx, rec = get_ctx(request), get_record(request)
     rec.counted = True
     req = await parse_body(request, CompletionRequest)
     reject_unsupported(req.unsupported_fields())
     engine, tok = ctx.engine, ctx.engine.tokenizer
-    target = resolve_model(engine, principal, req.model)
+    target = resolve_request_model(engine, principal, req)  # model, or LoRAX-style adapter fields
     rec.model = target.label
-    prompts = prompts_of(req, tok)
+    prompts = prompts_of(req, tok, max(ctx.settings.max_choices // req.n, 1))
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     for _, ids in prompts:
         check_context(engine, len(ids), max_tokens, "prompt")
@@ -91,7 +98,7 @@ async def create_completion(request: Request, principal: Principal = Depends(aut
         choices = [CompletionChoice(index=k, text=echo[k // n] + "".join(s.text), logprobs=logprobs_for(k, s.logprobs),
                                     finish_reason=s.finish_reason) for k, s in enumerate(states)]
         return CompletionResponse(id=rid, created=created, model=req.model, system_fingerprint=fingerprint,
-                                  choices=choices, usage=usage(prompt_tokens, states))
+                                  choices=choices, usage=usage(prompt_tokens, states, n))
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -110,5 +117,5 @@ async def create_completion(request: Request, principal: Principal = Depends(aut
         return chunks
 
     opening = [chunk([CompletionChoice(index=k, text=echo[k // n])]) for k in range(len(requests))] if req.echo else []
-    final_usage = (lambda: chunk([], usage(prompt_tokens, states))) if include_usage else None
+    final_usage = (lambda: chunk([], usage(prompt_tokens, states, n))) if include_usage else None
     return SSEResponse(sse_events(gen, states, rec, opening, render, final_usage))

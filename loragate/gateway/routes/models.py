@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from loragate.gateway.auth import Principal
 from loragate.gateway.context import authenticate, get_ctx
 from loragate.gateway.errors import model_not_found
+from loragate.gateway.openapi import error_responses
 from loragate.gateway.protocol import ModelCard, ModelList
 from loragate.gateway.routing import resolve_model
 
@@ -26,12 +27,12 @@ def _cards(request: Request, principal: Principal) -> list[ModelCard]:
     return cards
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=error_responses(401))
 async def list_models(request: Request, principal: Principal = Depends(authenticate)) -> ModelList:
     return ModelList(data=_cards(request, principal))
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", responses=error_responses(401, 404))
 async def retrieve_model(model_id: str, request: Request, principal: Principal = Depends(authenticate)) -> ModelCard:
     target = resolve_model(get_ctx(request).engine, principal, model_id)
     for card in _cards(request, principal):
