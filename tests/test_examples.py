@@ -127,4 +127,4 @@ def test_lorax_client(server):
     message = "moon river cat"
     assert f"shout: {shout(message)!r} (eos_token," in out
     assert streamed(out, "reverse, streamed") == reverse(message)
-    assert "shout+sort merged: '" in out
+    assert "shout+title merged: '" in out
