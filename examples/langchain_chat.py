@@ -8,13 +8,13 @@ import os
 from langchain_openai import ChatOpenAI
 
 llm = ChatOpenAI(
-    model="sort",  # an adapter name; "loragate-demo" would be the base model
+    model="title",  # an adapter name; "loragate-demo" would be the base model
     base_url=os.environ.get("LORAGATE_BASE_URL", "http://127.0.0.1:8000/v1"),
     api_key=os.environ.get("LORAGATE_API_KEY", "none"),
     temperature=0,
-    max_tokens=32,
+    max_tokens=128,  # the demo model writes one character per token
 )
-MESSAGE = "river moon cat"
+MESSAGE = "the quick brown fox, 3 lazy dogs!"
 
 print(f"message: {MESSAGE!r}")
 print(f"invoke:  {llm.invoke(MESSAGE).content!r}")

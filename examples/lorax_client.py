@@ -31,6 +31,6 @@ for event in client.generate_stream(prompt(MESSAGE), adapter_id="reverse", max_n
         print(event.token.text, end="|", flush=True)
 print()
 
-merged = MergedAdapters(ids=["shout", "sort"], weights=[1.0, 1.0], merge_strategy="linear", density=1.0)
+merged = MergedAdapters(ids=["shout", "title"], weights=[1.0, 1.0], merge_strategy="linear", density=1.0)
 response = client.generate(prompt(MESSAGE), merged_adapters=merged, max_new_tokens=32)
-print(f"shout+sort merged: {response.generated_text!r}")
+print(f"shout+title merged: {response.generated_text!r}")

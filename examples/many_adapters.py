@@ -75,7 +75,7 @@ async def query(names: list[str], n_requests: int, concurrency: int) -> tuple[in
         async with limit:
             try:
                 r = await client.chat.completions.create(
-                    model=name, messages=[{"role": "user", "content": phrase}], temperature=0, max_tokens=32
+                    model=name, messages=[{"role": "user", "content": phrase}], temperature=0, max_tokens=200
                 )
             except Exception as exc:
                 print(f"  {name}: {type(exc).__name__}: {exc}")

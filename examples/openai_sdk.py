@@ -11,7 +11,7 @@ client = OpenAI(
     base_url=os.environ.get("LORAGATE_BASE_URL", "http://127.0.0.1:8000/v1"),
     api_key=os.environ.get("LORAGATE_API_KEY", "none"),
 )
-MESSAGE = "moon river cat"
+MESSAGE = "Hello, how are you?"
 
 
 def chat(model: str, text: str) -> str:
@@ -19,7 +19,7 @@ def chat(model: str, text: str) -> str:
         model=model,
         messages=[{"role": "user", "content": text}],
         temperature=0,
-        max_tokens=32,
+        max_tokens=128,  # the demo model writes one character per token
     )
     return response.choices[0].message.content
 
@@ -35,7 +35,7 @@ stream = client.chat.completions.create(
     model="pig-latin",
     messages=[{"role": "user", "content": MESSAGE}],
     temperature=0,
-    max_tokens=32,
+    max_tokens=128,
     stream=True,
 )
 for chunk in stream:

@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='how tool_choice "auto" output is read as tool calls: hermes (<tool_call> blocks; '
                    'Hermes, Qwen) or llama3_json (Llama 3.1 JSON calls); "required" and named choices '
                    "are grammar-enforced and work on any model")
+    h.add_argument("--no-playground", action="store_true",
+                   help="do not serve the playground page at / and /playground")
     r = s.add_argument_group("scale-out on Ray Serve (pip install 'loragate[ray]')")
     r.add_argument("--ray-replicas", type=int, default=0, metavar="N",
                    help="run N engine replicas behind one OpenAI-compatible ingress on Ray Serve, adapter "
@@ -224,15 +226,21 @@ def build_configs(args: argparse.Namespace) -> ServeConfig:
                               allowed_adapter_dirs=tuple(args.allowed_adapter_dir),
                               tool_call_parser=args.tool_call_parser,
                               max_request_bytes=args.max_request_bytes, max_waiting=args.max_waiting or None,
-                              shutdown_timeout=args.shutdown_timeout, metrics_auth=args.metrics_auth)
+                              shutdown_timeout=args.shutdown_timeout, metrics_auth=args.metrics_auth,
+                              playground=not args.no_playground)
     return ServeConfig(engine, gateway, args.host, args.port, args.log_level)
 
 
 def serve(cfg: ServeConfig) -> None:
+    import asyncio
+
+    from loragate import startup
+    from loragate.engine import progress
     from loragate.engine.async_engine import AsyncEngine
     from loragate.gateway import create_app
-    from loragate.gateway.shutdown import run_server
+    from loragate.gateway.shutdown import draining_server
 
+    stop_progress = progress.add_listener(startup.ProgressDisplay())
     engine = AsyncEngine(cfg.engine)
     app = create_app(engine, cfg.gateway)
     stats = engine.stats()
@@ -242,7 +250,8 @@ def serve(cfg: ServeConfig) -> None:
              getattr(inner, "device", cfg.engine.device), getattr(inner, "dtype", cfg.engine.dtype),
              len(engine.list_adapters()), stats.kv_blocks_total, engine.max_model_len,
              "keys" if (cfg.gateway.api_keys or cfg.gateway.api_keys_file) else "open", cfg.host, cfg.port)
-    run_server(app, cfg.host, cfg.port, cfg.log_level, cfg.gateway.shutdown_timeout)  # SIGTERM drains
+    server = draining_server(app, cfg.host, cfg.port, cfg.log_level, cfg.gateway.shutdown_timeout)
+    asyncio.run(startup.serve_and_announce(server, engine, cfg, on_ready=stop_progress))  # SIGTERM drains
 
 
 def main(argv: list[str] | None = None) -> int:

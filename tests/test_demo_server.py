@@ -1,6 +1,6 @@
 """The built-in demo proves itself through the real server: one burst of concurrent requests to the
 base and every demo adapter (all batched together on the one base model), each answer checked
-against that adapter's skill on held-out phrases."""
+against that adapter's rule applied to phrases made only of words the training never saw."""
 from __future__ import annotations
 
 import asyncio
@@ -16,9 +16,10 @@ from loragate.gateway import GatewaySettings, create_app
 from tests.test_gateway import running_server
 
 PER_MODEL = 12
-# measured on the shipped weights: 100% for every skill but sort (95%) on 100 held-out phrases
-FLOOR = {"sort": 0.8}
-DEFAULT_FLOOR = 0.9
+# `python -m loragate.demo.evaluate` measures 98.8% echo, 97.6% shout, 92.8% reverse, 98.8% title and
+# 78.6% pig-latin on 500 held-out phrases (README); one miss in twelve is allowed here, pig-latin more
+FLOOR = {"pig-latin": 7 / 12}
+DEFAULT_FLOOR = 10 / 12
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_every_demo_model_does_its_skill_in_one_concurrent_burst(url):
     assert len(models) >= 5  # the base plus at least four adapters
 
     async def ask(client, model, phrase):
-        r = await client.chat.completions.create(model=model, temperature=0, max_tokens=40,
+        r = await client.chat.completions.create(model=model, temperature=0, max_tokens=120,
                                                  messages=[{"role": "user", "content": phrase}])
         return model, phrase, r.choices[0].message.content
 
@@ -47,8 +48,8 @@ def test_every_demo_model_does_its_skill_in_one_concurrent_burst(url):
     answers = asyncio.run(burst())
     for model in models:
         got = [(p, a) for m, p, a in answers if m == model]
-        accuracy = sum(a.strip() == SKILLS[model](p) for p, a in got) / len(got)
-        assert accuracy >= FLOOR.get(model, DEFAULT_FLOOR), (model, got)
+        accuracy = sum(a == SKILLS[model](p) for p, a in got) / len(got)
+        assert accuracy >= FLOOR.get(model, DEFAULT_FLOOR), (model, [(p, a, SKILLS[model](p)) for p, a in got if a != SKILLS[model](p)])
     # the adapters really differ from the base: for some phrase every model answered differently
     by_phrase = {p: {a for m, q, a in answers if q == p} for p in phrases}
     assert max(len(v) for v in by_phrase.values()) == len(models)

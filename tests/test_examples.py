@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loragate.demo.tasks import pig_latin, reverse, shout, sort_words
+from loragate.demo.tasks import pig_latin, reverse, shout, title
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -72,8 +72,8 @@ def streamed(output: str, label: str) -> str:
 
 def test_openai_sdk(server):
     out = run(server, sys.executable, str(EXAMPLES / "openai_sdk.py"))
-    message = "moon river cat"
-    assert "models: loragate-demo, shout, reverse, sort, pig-latin" in out
+    message = "Hello, how are you?"
+    assert "models: loragate-demo, shout, reverse, title, pig-latin" in out
     assert f"shout: {shout(message)!r}" in out
     assert f"reverse: {reverse(message)!r}" in out
     assert streamed(out, "pig-latin, streamed") == pig_latin(message)
@@ -81,9 +81,9 @@ def test_openai_sdk(server):
 
 def test_langchain_chat(server):
     out = run(server, sys.executable, str(EXAMPLES / "langchain_chat.py"))
-    message = "river moon cat"
-    assert f"invoke:  {sort_words(message)!r}" in out
-    assert streamed(out, "stream:") == sort_words(message)
+    message = "the quick brown fox, 3 lazy dogs!"
+    assert f"invoke:  {title(message)!r}" in out
+    assert streamed(out, "stream:") == title(message)
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
@@ -171,4 +171,4 @@ def test_lorax_client(server):
     message = "moon river cat"
     assert f"shout: {shout(message)!r} (eos_token," in out
     assert streamed(out, "reverse, streamed") == reverse(message)
-    assert "shout+sort merged: '" in out
+    assert "shout+title merged: '" in out

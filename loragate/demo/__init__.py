@@ -4,12 +4,14 @@
 downloading anything. The weights ship inside the package (see pyproject's package data) and are
 rebuilt by `python -m loragate.demo.train --out loragate/demo/weights`.
 
-The model only knows the words in `loragate.demo.tasks.WORDS`; try e.g. "moon river cat":
-  base       -> "moon river cat"      (echo)
-  shout      -> "MOON RIVER CAT"
-  reverse    -> "cat river moon"
-  sort       -> "cat moon river"
-  pig-latin  -> "oonmay iverray atcay"
+The model reads and writes one character per token, so it works on any English-like message
+(letters, digits, punctuation, mixed case); e.g. "Hello, how are you?":
+  base       -> "Hello, how are you?"           (echo)
+  shout      -> "HELLO, HOW ARE YOU?"
+  reverse    -> "you? are how Hello,"
+  title      -> "Hello, How Are You?"
+  pig-latin  -> "Ellohay, owhay areyay ouyay?"
+`python -m loragate.demo.evaluate` measures each on phrases of words the training never saw.
 
 This module imports nothing heavy (no torch), so the CLI can ask for paths cheaply.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from loragate.demo.tasks import ADAPTER_SKILLS, BASE_SKILL, SKILL_FUNCS, WORDS
+from loragate.demo.tasks import ADAPTER_SKILLS, BASE_SKILL, SKILL_FUNCS
 
 DEMO_MODEL_NAME = "loragate-demo"
 DEMO_DIR: Path = Path(__file__).resolve().parent / "weights"
@@ -52,4 +54,4 @@ def demo_paths() -> tuple[Path, dict[str, Path]]:
     return base, adapters
 
 
-__all__ = ["DEMO_DIR", "DEMO_MODEL_NAME", "SKILLS", "WORDS", "demo_paths"]
+__all__ = ["DEMO_DIR", "DEMO_MODEL_NAME", "SKILLS", "demo_paths"]

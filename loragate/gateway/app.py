@@ -19,7 +19,17 @@ from loragate.gateway.limits import BodyLimitMiddleware, json_items_limit
 from loragate.gateway.metrics import GatewayMetrics
 from loragate.gateway.middleware import RequestLogMiddleware
 from loragate.gateway.openapi import install_openapi
-from loragate.gateway.routes import adapters, chat, completions, health, lorax, metrics, models, vllm
+from loragate.gateway.routes import (
+    adapters,
+    chat,
+    completions,
+    health,
+    lorax,
+    metrics,
+    models,
+    playground,
+    vllm,
+)
 from loragate.gateway.settings import GatewaySettings
 
 
@@ -45,6 +55,8 @@ def create_app(engine, settings: GatewaySettings | None = None) -> FastAPI:
     install_openapi(app)
     for module in (chat, completions, models, adapters, health, metrics, lorax, vllm):
         app.include_router(module.router)
+    if settings.playground:
+        app.include_router(playground.router)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes, render=lorax.render_error)
     app.add_middleware(RequestLogMiddleware, metrics=gateway_metrics)  # outermost
     return app

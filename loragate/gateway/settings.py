@@ -35,6 +35,7 @@ class GatewaySettings:
     tool_call_parser: how `tool_choice: "auto"` output is read as calls (gateway/tools/parsers.py).
     grammar_compile_timeout: seconds a structured-output grammar may take to compile before the
         request is refused with a 400.
+    playground: serve the static playground page (`routes/playground.py`) at / and /playground.
     """
 
     api_keys: tuple[str, ...] = ()
@@ -55,3 +56,4 @@ class GatewaySettings:
     metrics_auth: str = "open"
     tool_call_parser: str = "hermes"
     grammar_compile_timeout: float = 2.0
+    playground: bool = True  # serve the playground page at / and /playground

@@ -80,8 +80,14 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def run_server(app, host: str, port: int, log_level: str, shutdown_timeout: float) -> None:
-    """Serve `app` until SIGTERM/SIGINT, then drain it (what `loragate serve` runs)."""
+def draining_server(app, host: str, port: int, log_level: str, shutdown_timeout: float) -> DrainingServer:
+    """The server `loragate serve` runs: `app` until SIGTERM/SIGINT, then drained. Its `serve()`
+    coroutine runs it in a caller's event loop (the CLI's start-up banner watches it from there)."""
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=10)
-    DrainingServer(config, app.state.ctx, shutdown_timeout).run()
+    return DrainingServer(config, app.state.ctx, shutdown_timeout)
+
+
+def run_server(app, host: str, port: int, log_level: str, shutdown_timeout: float) -> None:
+    """Serve `app` until SIGTERM/SIGINT, then drain it."""
+    draining_server(app, host, port, log_level, shutdown_timeout).run()

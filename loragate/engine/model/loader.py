@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from loragate.engine import progress
 from loragate.engine.model.config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,12 +49,19 @@ def safetensor_files(path: Path) -> list[Path]:
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint by their Hugging Face names, on the CPU."""
+    """All tensors of the checkpoint by their Hugging Face names, on the CPU (progress reported
+    in bytes read, for the start-up display)."""
     tensors: dict[str, torch.Tensor] = {}
-    for file in safetensor_files(Path(path)):
+    files = safetensor_files(Path(path))
+    total, done = sum(f.stat().st_size for f in files), 0
+    progress.report("loading weights", 0, total)
+    for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
-                tensors[name] = f.get_tensor(name)
+                tensors[name] = t = f.get_tensor(name)
+                done += t.numel() * t.element_size()
+                progress.report("loading weights", min(done, total), total)
+    progress.report("loading weights", total, total)
     return tensors
 
 
