@@ -30,7 +30,13 @@ from pathlib import Path
 
 import torch
 
-from bench.common import CACHE, machine, smollm_checkpoint, write_random_adapters
+from bench.common import (
+    CACHE,
+    machine,
+    save_figure,
+    smollm_checkpoint,
+    write_random_adapters,
+)
 from loragate.engine.config import EngineConfig
 from loragate.engine.engine import Engine
 from loragate.engine.outputs import EngineRequest
@@ -189,10 +195,7 @@ def plot_latency(ours_warm: dict[int, float], ours_cold: dict[int, float], peft:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -132,3 +132,11 @@ def write_random_adapters(base_dir: Path, root: Path, n: int, rank: int = 8,
         save_file(tensors, str(out / "adapter_model.safetensors"))
         (out / "adapter_config.json").write_text(json.dumps(config))
     return paths
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out and write a matplotlib figure as PNG (the README's pictures), creating its folder."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")

@@ -39,7 +39,6 @@ import asyncio
 import itertools
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,7 +51,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import CACHE, machine, smollm_checkpoint, write_random_adapters
+from bench.common import (
+    CACHE,
+    machine,
+    save_figure,
+    smollm_checkpoint,
+    write_random_adapters,
+)
+from loragate.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = 70
@@ -183,11 +189,6 @@ def process_cpu(pid: int) -> tuple[float, float] | None:
     except (OSError, ValueError, IndexError):
         return None
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -363,10 +364,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 # ---- main ------------------------------------------------------------------------------------

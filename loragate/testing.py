@@ -265,6 +265,15 @@ def write_json(path: str | Path, data: dict) -> None:
     Path(path).write_text(json.dumps(data, indent=2))
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 that is free now (the OS picks it; a server started next binds it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 class ServeProcess:
     """A real `loragate serve` process on a free local port, for tests and scripts/soak.py.
 
@@ -274,11 +283,7 @@ class ServeProcess:
 
     def __init__(self, args: list[str], log_path: str | Path, env: dict | None = None,
                  cwd: str | Path | None = None) -> None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.args = [*args, "--host", "127.0.0.1", "--port", str(self.port)]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)

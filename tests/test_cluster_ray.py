@@ -27,8 +27,7 @@ from loragate.cluster.replica import HELD_TIERS
 from loragate.engine.async_engine import AsyncEngine
 from loragate.engine.config import EngineConfig
 from loragate.gateway import GatewaySettings, create_app
-from loragate.testing import build_adapter
-from tests.test_examples import free_port
+from loragate.testing import build_adapter, free_port
 from tests.test_gateway import running_server, wait_for
 
 APP = "loragate"

@@ -11,7 +11,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 from loragate.demo import DEMO_MODEL_NAME, SKILLS
 from loragate.gateway import GatewaySettings, create_app
 from loragate.gateway.routes.playground import ASSETS
+from loragate.testing import free_port
 from tests.fake_engine import FakeEngine
 from tests.test_gateway import running_server
 
@@ -116,17 +116,12 @@ def _browser_skip_reason() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
     """`loragate serve` on the demo, with an admin key, as a user starts it."""
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "loragate.cli", "serve", "--port", str(port), "--api-key", ADMIN]
     with open(log, "wb") as out:

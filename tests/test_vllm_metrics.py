@@ -18,9 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from loragate.engine.async_engine import AsyncEngine
 from loragate.engine.config import EngineConfig
 from loragate.gateway import GatewaySettings, create_app
-from loragate.testing import build_adapter
+from loragate.testing import build_adapter, free_port
 from tests.epp_scorer import LoraAffinityPicker, lora_affinity_score, parse_metrics
-from tests.test_examples import free_port
 from tests.test_gateway import running_server, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
