@@ -33,6 +33,7 @@ from loragate.engine.model.llama import LlamaModel
 from loragate.engine.model.loader import checkpoint_dtype, fused_weights, read_tensors
 from loragate.engine.model.lora import LoraWeights
 from loragate.engine.outputs import EngineRequest, EngineStats, LoraState, RequestOutput, TokenLogprob
+from loragate.engine import prompt_logprobs
 from loragate.engine.sampler import Sampler, SampleRow, make_generator
 from loragate.engine.scheduler import Scheduler
 from loragate.engine.sequence import Sequence, SeqState
@@ -159,6 +160,8 @@ class Engine:
         seq = Sequence(request=req, client=client, text=text, generator=gen)
         if req.params.structured is not None:
             seq.grammar = self.structured.attach(req.params.structured)  # compiles off the loop
+        if req.params.prompt_logprobs is not None:
+            seq.prompt_lp = prompt_logprobs.PromptLogprobState(req.params.prompt_logprobs)
         self.seqs[req.request_id] = seq
         self.scheduler.add(seq)
 
@@ -212,8 +215,14 @@ class Engine:
             return outputs
         self.num_steps += 1
         batch = build_forward_batch(sched.scheduled, self.kv.block_size, self.device, self.lora)
+        lp_rows, lp_spans = prompt_logprobs.plan(sched.scheduled)  # empty unless a request asks
+        if lp_rows:
+            batch.logits_rows = torch.cat([batch.logits_rows, torch.tensor(lp_rows, device=self.device)])
         logits = self.model.forward(batch, self.kv.layers)
         sampled = [s.seq for s in sched.scheduled if s.sample]
+        if lp_spans:  # the extra rows follow the sampled ones
+            prompt_logprobs.gather(logits[len(sampled):], lp_spans)
+            logits = logits[: len(sampled)]
         for s in sched.scheduled:
             s.seq.num_computed += s.num_tokens
             self.kv.allocator.commit(s.seq)  # full computed blocks become shareable
@@ -247,7 +256,8 @@ class Engine:
             return RequestOutput(seq.request_id, [tok], delta, new_logprobs=lps,
                                  prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
                                  queue_time=seq.waited, first_token_time=seq.first_token_at,
-                                 cached_tokens=seq.num_cached_tokens)
+                                 cached_tokens=seq.num_cached_tokens,
+                                 prompt_logprobs=prompt_logprobs.take(seq))
         if not stopped:
             delta += seq.text.finish()
         self.seqs.pop(seq.request_id, None)
@@ -271,4 +281,5 @@ class Engine:
                              prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids),
                              error=error, queue_time=seq.waited, first_token_time=seq.first_token_at,
                              error_kind=error_kind, cached_tokens=seq.num_cached_tokens,
-                             grammar_complete=seq.grammar is not None and seq.grammar.terminated)
+                             grammar_complete=seq.grammar is not None and seq.grammar.terminated,
+                             prompt_logprobs=prompt_logprobs.take(seq))

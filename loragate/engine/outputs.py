@@ -51,6 +51,9 @@ class RequestOutput:
     # structured outputs: the grammar was complete when the request finished (its answer, not a stop
     # string, ended it; LoRAX reports that as `eos_token`, the end its constrained decoding emits)
     grammar_complete: bool = False
+    # with params.prompt_logprobs: one entry per prompt token (the first None: nothing predicts it),
+    # on the first output after the prompt is fully prefilled, and on no other
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass

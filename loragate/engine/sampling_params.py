@@ -34,6 +34,9 @@ class SamplingParams:
     # constrain the output to a JSON schema, regex, choice or grammar (engine/structured/spec.py)
     structured: StructuredSpec | None = None
     typical_p: float = 1.0  # locally typical sampling (LoRAX/TGI's typical_p); 1 disables it
+    # logprobs of the prompt's own tokens (vLLM's prompt_logprobs): None = off, 0 = each prompt
+    # token's own, k > 0 also the top k; the request then skips prefix-cache hits (prompt_logprobs.py)
+    prompt_logprobs: int | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the offending field; the gateway turns it into a 400."""
@@ -55,6 +58,8 @@ class SamplingParams:
             raise ValueError("typical_p must be in (0, 1]")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}]")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]")
         for tok, bias in self.logit_bias.items():
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias for token {tok} must be in [-100, 100]")

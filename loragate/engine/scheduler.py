@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from loragate.engine.config import EngineConfig
 from loragate.engine.kv_cache import KVCache
 from loragate.engine.prefix_cache import BASE_IDENTITY, Match, adapter_identity
+from loragate.engine.prompt_logprobs import skip_prefix_cache
 from loragate.engine.sequence import Sequence, SeqState
 
 if TYPE_CHECKING:
@@ -136,6 +137,8 @@ class Scheduler:
 
     def _match(self, seq: Sequence) -> tuple[bytes | None, Match]:
         identity = self._identity(seq)
+        if skip_prefix_cache(seq):  # needs every prompt position's logits: computes all, still caches
+            return identity, Match([])
         return identity, self.kv.allocator.match(seq, identity)
 
     # ---- the decision -----------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 from loragate.engine.detokenizer import TextStream
 from loragate.engine.outputs import EngineRequest
 from loragate.engine.prefix_cache import PrefixState
+from loragate.engine.prompt_logprobs import PromptLogprobState
 
 if TYPE_CHECKING:
     from loragate.engine.structured.runtime import SequenceGrammar
@@ -46,6 +47,7 @@ class Sequence:
     grammar: SequenceGrammar | None = None  # set when the request is constrained (structured outputs)
     prefix: PrefixState = field(default_factory=PrefixState)  # its place in the prefix cache
     num_cached_tokens: int = 0  # prompt tokens the first admission found cached (usage reports them)
+    prompt_lp: PromptLogprobState | None = None  # set when the request asks for prompt logprobs
 
     @property
     def request_id(self) -> str:
