@@ -83,6 +83,55 @@ def test_generate_with_details_matches_openai_route(env):
     assert r.generated_text != client(env).generate(PROMPT, max_new_tokens=8, ignore_eos_token=True).generated_text
 
 
+def hf_logprobs(base, adapter, ids):
+    """transformers' (PEFT's) log_softmax over the prompt, [len(ids), vocab], fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    with torch.no_grad():
+        return torch.log_softmax(model.eval()(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+@pytest.mark.parametrize("adapter", [None, "tenant0"])
+def test_decoder_input_details_prefill_matches_transformers(env, checkpoints, adapter):
+    """`details.prefill`: every prompt token, its own text, its logprob given the tokens before it
+    (null for the first), as transformers (PEFT for an adapter) computes it; the tokens generated
+    are the ones a request without it gets."""
+    tok = env["engine"].tokenizer
+    ids = tok.encode(PROMPT)
+    kw = dict(adapter_id=adapter, max_new_tokens=4, ignore_eos_token=True, details=True)
+    r = client(env).generate(PROMPT, decoder_input_details=True, **kw)
+    prefill = r.details.prefill
+    assert [t.id for t in prefill] == ids and len(ids) > 2
+    assert [t.text for t in prefill] == [tok.decode([i], skip_special_tokens=False) for i in ids]
+    assert prefill[0].logprob is None
+    ref = hf_logprobs(checkpoints("llama3"), env["adapters"][adapter] if adapter else None, ids)
+    for i in range(1, len(ids)):
+        assert prefill[i].logprob == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+    plain = client(env).generate(PROMPT, **kw)
+    assert plain.details.prefill == [] and plain.generated_text == r.generated_text
+    assert [t.logprob for t in plain.details.tokens] == pytest.approx([t.logprob for t in r.details.tokens], abs=1e-5)
+
+
+def test_decoder_input_details_with_best_of_and_stream(env):
+    """best_of: every sequence reports the one prompt's prefill; the stream refuses it (422, as LoRAX;
+    `lorax-client`'s generate_stream never asks for it)."""
+    r = client(env).generate(PROMPT, max_new_tokens=3, best_of=2, do_sample=True, details=True,
+                             decoder_input_details=True)
+    first = r.details.prefill
+    assert len(first) == len(env["engine"].tokenizer.encode(PROMPT)) and first[0].logprob is None
+    assert [s.prefill for s in r.details.best_of_sequences] == [first]
+    body = {"inputs": PROMPT, "parameters": {"decoder_input_details": True, "details": True}}
+    raw = httpx.post(env["url"] + "/generate_stream", json=body, headers={"Authorization": f"Bearer {ADMIN}"},
+                     timeout=30)
+    assert raw.status_code == 422 and "decoder_input_details" in raw.json()["error"]
+
+
 def test_generate_endpoint_and_stream_endpoint_directly(env):
     """/generate answers one object; /generate_stream one `data:` event per token."""
     body = {"inputs": PROMPT, "parameters": {"adapter_id": "tenant1", "max_new_tokens": 5, "details": True,
@@ -191,7 +240,6 @@ def test_scoping_and_auth(env):
 
 @pytest.mark.parametrize("params, field", [
     ({"watermark": True}, "watermark"),
-    ({"decoder_input_details": True}, "decoder_input_details"),
     ({"top_k": 0}, "top_k"),
     ({"typical_p": 1.0}, "typical_p"),
     ({"temperature": -1}, "temperature"),

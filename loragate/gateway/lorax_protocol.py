@@ -73,8 +73,8 @@ def check(p: LoraxParameters, stream: bool) -> None:
     """LoRAX's validation rules, with its messages."""
     if p.watermark:
         raise invalid("watermark is not supported by this server", "watermark")
-    if p.decoder_input_details:
-        raise invalid("decoder_input_details (prompt token logprobs) is not supported by this server",
+    if p.decoder_input_details and stream:  # LoRAX's rule: the stream has no prefill details
+        raise invalid("`decoder_input_details` == true is not supported when streaming tokens",
                       "decoder_input_details")
     best_of = p.best_of if p.best_of is not None else 1
     if best_of < 1:
@@ -154,7 +154,8 @@ def structured_spec(response_format: dict[str, Any] | None) -> Any:
 
 def sampling_params(p: LoraxParameters, max_new_tokens: int, details: bool) -> tuple[SamplingParams, bool]:
     """LoRAX parameters -> SamplingParams (and whether the request samples). Logprobs are always
-    requested when token details will be sent (every stream event carries one)."""
+    requested when token details will be sent (every stream event carries one); prompt-token
+    logprobs only for `details` with `decoder_input_details` (they fill `details.prefill`)."""
     sample = sampling(p)
     seed = p.seed if p.seed is not None else (secrets.randbits(62) if sample else None)
     params = SamplingParams(
@@ -171,6 +172,7 @@ def sampling_params(p: LoraxParameters, max_new_tokens: int, details: bool) -> t
         ignore_eos=p.ignore_eos_token,
         logprobs=(p.return_k_alternatives or 0) if details else None,
         structured=structured_spec(p.response_format),
+        prompt_logprobs=0 if p.details and p.decoder_input_details else None,
     )
     try:
         params.validate()
@@ -202,6 +204,9 @@ class LoraxToken(BaseModel):
 
 
 class LoraxPrefillToken(BaseModel):
+    """A prompt token (with `decoder_input_details`): its logprob given the tokens before it;
+    null for the first, which nothing predicts (LoRAX sends NaN as null)."""
+
     id: int
     text: str
     logprob: float | None = None

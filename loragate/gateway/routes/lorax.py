@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
@@ -107,7 +107,7 @@ class Lorax:
     """What one request needs to turn engine outputs into LoRAX tokens and details."""
 
     def __init__(self, engine, params: LoraxParameters, prompt_tokens: int, seeds: list[int | None],
-                 prefix: str) -> None:
+                 prefix: str, prompt_ids: list[int] | None = None) -> None:
         self.tok = engine.tokenizer
         self.eos = set(getattr(self.tok, "eos_token_ids", ()) or ())
         self.special_ids = self.eos | ({self.tok.bos_token_id} if getattr(self.tok, "bos_token_id", None) is not None
@@ -117,6 +117,8 @@ class Lorax:
         self.prompt_tokens = prompt_tokens
         self.seeds = seeds
         self.prefix = prefix
+        self.prompt_ids = prompt_ids or []
+        self.prefill: list[dict] = []  # details.prefill, filled from the output that carries it
 
     def new_tokens(self, state: TokenState, out: RequestOutput) -> list[dict]:
         """The tokens `out` adds; the text of each is the detokenizer's delta (so the texts of the
@@ -132,6 +134,8 @@ class Lorax:
             if self.k and lp is not None:
                 alts = [{"id": t, "text": self.tok.token_text(t), "logprob": v} for t, v in lp.top[: self.k]]
             added.append(token(tid, text, lp.logprob if lp is not None else 0.0, special, alts))
+        if out.prompt_logprobs is not None:
+            self.prefill = self.prefill_tokens(out.prompt_logprobs)
         state.tokens.extend(added)
         state.text.append(out.new_text)
         if out.new_token_ids:
@@ -140,6 +144,12 @@ class Lorax:
         if out.finished:
             state.finish_reason = self.finish_reason(out.finish_reason, state.last_id, out.grammar_complete)
         return added
+
+    def prefill_tokens(self, entries: list) -> list[dict]:
+        """LoRAX's `details.prefill` (decoder_input_details): each prompt token decoded on its
+        own, with its logprob given the tokens before it (null for the first)."""
+        return [{"id": tid, "text": self.tok.decode([tid], skip_special_tokens=False),
+                 "logprob": e.logprob if e is not None else None} for tid, e in zip(self.prompt_ids, entries)]
 
     def finish_reason(self, reason: str | None, last_id: int | None, grammar_complete: bool = False) -> str:
         if reason == "length":
@@ -153,14 +163,14 @@ class Lorax:
 
     def sequence(self, state: TokenState, i: int) -> dict:
         return {"generated_text": self.generated_text(state), "finish_reason": state.finish_reason,
-                "generated_tokens": state.completion_tokens, "seed": self.seeds[i], "prefill": [],
+                "generated_tokens": state.completion_tokens, "seed": self.seeds[i], "prefill": self.prefill,
                 "tokens": state.tokens}
 
     def details(self, states: list[TokenState], best: int) -> dict:
         s = states[best]
         out = {"finish_reason": s.finish_reason, "prompt_tokens": self.prompt_tokens,
                "generated_tokens": s.completion_tokens, "skipped_tokens": 0, "seed": self.seeds[best],
-               "prefill": [], "tokens": s.tokens}
+               "prefill": self.prefill, "tokens": s.tokens}
         if len(states) > 1:
             out["best_of_sequences"] = [self.sequence(st, i) for i, st in enumerate(states) if i != best]
         return out
@@ -217,11 +227,13 @@ async def _run(request: Request, principal: Principal, stream: bool | None):
     if params.structured is not None:  # a grammar that cannot compile is a 422 before any engine work
         await compile_constraint(engine, Constraint(params.structured, "response_format.schema"),
                                  ctx.settings.grammar_compile_timeout)
-    requests = [EngineRequest(f"lorax-{rec.request_id}-{i}", list(prompt), with_seed(params, i), target.adapter,
-                              principal.tenant) for i in range(n)]
+    # best_of: one prompt, one prefill; only the first choice computes it
+    requests = [EngineRequest(f"lorax-{rec.request_id}-{i}", list(prompt),
+                              with_seed(params if i == 0 else replace(params, prompt_logprobs=None), i),
+                              target.adapter, principal.tenant) for i in range(n)]
     seeds = [r.params.seed if sample else None for r in requests]
     rec.prompt_tokens = len(prompt)
-    lx = Lorax(engine, p, len(prompt), seeds, body.inputs if p.return_full_text else "")
+    lx = Lorax(engine, p, len(prompt), seeds, body.inputs if p.return_full_text else "", prompt)
     gen = Generation(ctx, target, requests, rec)
     await gen.start()
     states = [TokenState() for _ in requests]
