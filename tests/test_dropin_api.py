@@ -132,6 +132,32 @@ def test_decoder_input_details_with_best_of_and_stream(env):
     assert raw.status_code == 422 and "decoder_input_details" in raw.json()["error"]
 
 
+def test_openai_completions_echo_with_logprobs(env, checkpoints):
+    """`echo` with `logprobs` on /v1/completions (the openai SDK): the prompt's tokens come first
+    in `logprobs`, the first with null logprob and top_logprobs, the rest as transformers computes
+    them; then the generated tokens as without echo. The stream sends the same in its chunks."""
+    tok = env["engine"].tokenizer
+    ids = tok.encode(PROMPT)
+    ref = hf_logprobs(checkpoints("llama3"), None, ids)
+    kw = dict(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+    e = oai(env).completions.create(echo=True, **kw).choices[0]
+    plain = oai(env).completions.create(**kw).choices[0]
+    lp = e.logprobs
+    assert e.text == PROMPT + plain.text
+    assert lp.tokens == [tok.token_text(i) for i in ids] + plain.logprobs.tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, len(ids)):
+        assert lp.token_logprobs[i] == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+        best = ref[i - 1].topk(2)
+        assert sorted(lp.top_logprobs[i].values(), reverse=True) == pytest.approx(best.values.tolist(), abs=1e-4)
+    assert lp.token_logprobs[len(ids):] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-5)
+    assert lp.text_offset[0] == 0 and lp.text_offset[len(ids):] == [o + len(PROMPT) for o in plain.logprobs.text_offset]
+    chunks = list(oai(env).completions.create(echo=True, stream=True, **kw))
+    streamed = [t for c in chunks for ch in c.choices if ch.logprobs for t in ch.logprobs.token_logprobs]
+    assert "".join(ch.text for c in chunks for ch in c.choices) == e.text
+    assert streamed == pytest.approx(lp.token_logprobs, abs=1e-5)
+
+
 def test_generate_endpoint_and_stream_endpoint_directly(env):
     """/generate answers one object; /generate_stream one `data:` event per token."""
     body = {"inputs": PROMPT, "parameters": {"adapter_id": "tenant1", "max_new_tokens": 5, "details": True,

@@ -29,8 +29,11 @@ class ChoiceState:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # echo with logprobs (completions)
 
     def add(self, out: RequestOutput) -> None:
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.text.append(out.new_text)
         self.token_ids.extend(out.new_token_ids)
         if out.new_logprobs:
@@ -66,6 +69,34 @@ def chat_logprobs(tokenizer, lps: list[TokenLogprob], top_n: int) -> ChatLogprob
         content.append(ChatTokenLogprob(token=e.token, logprob=e.logprob, bytes=e.bytes,
                                         top_logprobs=[entry(t, v) for t, v in lp.top[:top_n]]))
     return ChatLogprobs(content=content)
+
+
+def echo_logprobs(tokenizer, ids: list[int], entries: list[TokenLogprob | None], top_n: int) -> CompletionLogprobs:
+    """Legacy completions logprobs of the echoed prompt tokens, as OpenAI's `echo` with `logprobs`
+    gave them: the first token's logprob and top_logprobs are null (nothing predicts it)."""
+    out = CompletionLogprobs()
+    offset = 0
+    for tid, lp in zip(ids, entries):
+        text = tokenizer.token_text(tid)
+        out.tokens.append(text)
+        out.text_offset.append(offset)
+        offset += len(text)
+        if lp is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
+        out.token_logprobs.append(lp.logprob)
+        top: dict[str, float] = {}
+        for t, v in lp.top[:top_n]:
+            top.setdefault(tokenizer.token_text(t), v)
+        out.top_logprobs.append(top)
+    return out
+
+
+def joined_logprobs(first: CompletionLogprobs, then: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(text_offset=first.text_offset + then.text_offset,
+                              token_logprobs=first.token_logprobs + then.token_logprobs,
+                              tokens=first.tokens + then.tokens, top_logprobs=first.top_logprobs + then.top_logprobs)
 
 
 def completion_logprobs(tokenizer, lps: list[TokenLogprob], top_n: int, offset: int) -> CompletionLogprobs:

@@ -120,8 +120,6 @@ class CompletionRequest(_SamplingRequest):
             out.append(("best_of", "best_of different from n"))
         if self.suffix:
             out.append(("suffix", "suffix (insertion)"))
-        if self.echo and self.logprobs is not None:
-            out.append(("echo", "echo together with logprobs (prompt logprobs)"))
         return out
 
 

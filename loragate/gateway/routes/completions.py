@@ -13,7 +13,7 @@ from loragate.gateway.adapter_select import resolve_request_model
 from loragate.gateway.auth import Principal
 from loragate.gateway.context import authenticate, get_ctx, get_record, parse_body
 from loragate.gateway.errors import bad_request
-from loragate.gateway.formatting import ChoiceState, completion_logprobs, usage
+from loragate.gateway.formatting import ChoiceState, completion_logprobs, echo_logprobs, joined_logprobs, usage
 from loragate.gateway.generation import Generation, collect, sse_events
 from loragate.gateway.openapi import json_body, streamed
 from loragate.gateway.protocol import (
@@ -74,6 +74,9 @@ async def create_completion(request: Request, principal: Principal = Depends(aut
         check_context(engine, len(ids), max_tokens, "prompt")
     top_n = req.logprobs or 0
     params = sampling_params(req, max_tokens, req.logprobs, tok.vocab_size)
+    echo_lp = req.echo and req.logprobs is not None  # the prompt's logprobs come first (legacy OpenAI)
+    if echo_lp:
+        params.prompt_logprobs = req.logprobs
     if constraint is not None:
         params.structured = constraint.spec
         await compile_constraint(engine, constraint, ctx.settings.grammar_compile_timeout)
@@ -97,11 +100,17 @@ async def create_completion(request: Request, principal: Principal = Depends(aut
             return None
         return completion_logprobs(tok, lps or [], top_n, emitted[k])
 
+    def prompt_logprobs_for(k: int, entries):
+        return echo_logprobs(tok, requests[k].prompt_token_ids, entries or [], top_n)
+
     if not req.stream:
         await collect(gen, states, request)
         rec.completion_tokens = sum(s.completion_tokens for s in states)
         choices = [CompletionChoice(index=k, text=echo[k // n] + "".join(s.text), logprobs=logprobs_for(k, s.logprobs),
                                     finish_reason=s.finish_reason) for k, s in enumerate(states)]
+        if echo_lp:
+            for k, c in enumerate(choices):
+                c.logprobs = joined_logprobs(prompt_logprobs_for(k, states[k].prompt_logprobs), c.logprobs)
         return CompletionResponse(id=rid, created=created, model=req.model, system_fingerprint=fingerprint,
                                   choices=choices, usage=usage(prompt_tokens, states, n))
 
@@ -113,6 +122,9 @@ async def create_completion(request: Request, principal: Principal = Depends(aut
 
     def render(k: int, out) -> list[bytes]:
         chunks = []
+        if echo_lp and out.prompt_logprobs is not None:  # the echo, with its logprobs, before any token
+            chunks.append(chunk([CompletionChoice(index=k, text=echo[k // n],
+                                                  logprobs=prompt_logprobs_for(k, out.prompt_logprobs))]))
         if out.new_text or (req.logprobs is not None and out.new_logprobs):
             chunks.append(chunk([CompletionChoice(index=k, text=out.new_text,
                                                   logprobs=logprobs_for(k, out.new_logprobs))]))
@@ -121,6 +133,7 @@ async def create_completion(request: Request, principal: Principal = Depends(aut
             chunks.append(chunk([CompletionChoice(index=k, text="", finish_reason=out.finish_reason)]))
         return chunks
 
-    opening = [chunk([CompletionChoice(index=k, text=echo[k // n])]) for k in range(len(requests))] if req.echo else []
+    opening = ([chunk([CompletionChoice(index=k, text=echo[k // n])]) for k in range(len(requests))]
+               if req.echo and not echo_lp else [])
     final_usage = (lambda: chunk([], usage(prompt_tokens, states, n))) if include_usage else None
     return SSEResponse(sse_events(gen, states, rec, opening, render, final_usage))
