@@ -116,3 +116,29 @@ def test_prefix_caching_on_cuda_equals_off(checkpoints, tmp_path):
         assert engine.kv.allocator.num_used == 0
         engine.shutdown()
     assert results[True] == results[False]
+
+
+def test_prompt_logprobs_on_cuda_match_cpu(checkpoints, tmp_path):
+    """Prompt logprobs (LoRAX decoder_input_details) from the CUDA engine equal the CPU engine's, in a
+    chunked prefill mixed with a request that does not ask (whose tokens stay the same)."""
+    from engine_utils import make_engine, random_prompts, request, run_to_completion, tokens
+    from loragate.testing import build_adapter
+
+    base = checkpoints("llama3")
+    ad = build_adapter(base, tmp_path / "a", rank=8, targets=("q_proj", "v_proj"), seed=6)
+    long, short = random_prompts(2, 400, seed=11, lo=40, hi=41)
+    results = {}
+    for device in ("cpu", "cuda"):
+        engine = make_engine(base, device=device, adapters=(("a", str(ad)),), max_loras=2, max_lora_rank=8,
+                             max_num_batched_tokens=16)
+        asking = request(long, adapter="a", max_tokens=4, prompt_logprobs=2)
+        plain = request(short, max_tokens=4, ignore_eos=True)
+        outs = run_to_completion(engine, {0: [asking, plain]})
+        entries = next(o.prompt_logprobs for o in outs[asking.request_id] if o.prompt_logprobs is not None)
+        results[device] = ([(e.token_id, e.logprob, [t for t, _ in e.top]) for e in entries[1:]],
+                           tokens(outs[plain.request_id]))
+        engine.shutdown()
+    (cpu_lp, cpu_plain), (gpu_lp, gpu_plain) = results["cpu"], results["cuda"]
+    assert gpu_plain == cpu_plain and len(gpu_lp) == len(cpu_lp) == len(long) - 1
+    for (t1, lp1, _), (t2, lp2, _) in zip(cpu_lp, gpu_lp):
+        assert t1 == t2 and lp1 == pytest.approx(lp2, abs=1e-3)
