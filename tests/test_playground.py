@@ -12,8 +12,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -24,9 +22,9 @@ import pytest
 from loragate.demo import DEMO_MODEL_NAME, SKILLS
 from loragate.gateway import GatewaySettings, create_app
 from loragate.gateway.routes.playground import ASSETS
-from loragate.testing import free_port
+from loragate.testing import ServeProcess
 from tests.fake_engine import FakeEngine
-from tests.test_gateway import running_server
+from tests.test_gateway import running_server, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "sk-playground-admin"
@@ -119,27 +117,13 @@ def _browser_skip_reason() -> str | None:
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
-    """`loragate serve` on the demo, with an admin key, as a user starts it."""
+    """`loragate serve` on the demo, with an admin key, as a user starts it; yielded once its ready
+    banner has been written in full (it ends with a blank line after the curl command)."""
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "loragate.cli", "serve", "--port", str(port), "--api-key", ADMIN]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 90
-        while "try it:" not in log.read_text():  # the banner comes once the server accepts requests
-            assert proc.poll() is None, f"server exited early:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"no banner in 90 s:\n{log.read_text()}"
-            time.sleep(0.2)
-        time.sleep(0.2)  # let the banner's last lines be flushed with it
-        yield {"url": f"http://127.0.0.1:{port}", "log": log, "env": env}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with ServeProcess(["--api-key", ADMIN], log, env=env, cwd=ROOT) as server:
+        wait_for(lambda: re.search(r"try it:\n.*?\n\n", server.log(), re.S), timeout=90, what="the ready banner")
+        yield {"url": server.url, "log": log, "env": env}
 
 
 def test_banner_names_everything_and_its_curl_works(demo_server):
