@@ -36,8 +36,8 @@ from loragate.engine.errors import EngineError
 from loragate.engine.model.config import ModelConfig
 from loragate.engine.outputs import AdapterStats, EngineRequest, EngineStats, LoraState, RequestOutput
 from loragate.engine.structured import StructuredSpec
+from loragate.engine.structured.backend import llguidance_backend
 from loragate.engine.structured.compiler import GrammarCompiler
-from loragate.engine.structured.llg import LLGuidanceBackend
 from loragate.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("loragate.cluster")
@@ -69,7 +69,7 @@ class RemoteEngine:
         # structured outputs: the ingress compiles constraints itself (same tokenizer and EOS as the
         # replicas), so a bad grammar is a 400 here before any replica sees it, as on one server
         eos = sorted(set(self.tokenizer.eos_token_ids) | set(mc.eos_token_ids))
-        self._grammars = GrammarCompiler(lambda: LLGuidanceBackend.create(self.tokenizer, mc.vocab_size, eos))
+        self._grammars = GrammarCompiler(lambda: llguidance_backend(self.tokenizer, mc.vocab_size, eos))
 
     # ---- lifecycle -------------------------------------------------------------------------
     @property
@@ -104,9 +104,7 @@ class RemoteEngine:
     async def compile_grammar(self, spec: StructuredSpec) -> None:
         """As `AsyncEngine.compile_grammar`, on the ingress's own compiler threads (raises
         GrammarError); the replica that runs the request compiles it again, from its own cache."""
-        inner = asyncio.wrap_future(self._grammars.submit(spec))
-        inner.add_done_callback(lambda f: f.cancelled() or f.exception())
-        await asyncio.shield(inner)
+        await self._grammars.wait(spec)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         """Stream the request from a replica; closing the iterator cancels the call, which aborts

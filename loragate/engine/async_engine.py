@@ -181,9 +181,7 @@ class AsyncEngine:
         submitting a constrained request: a bad grammar becomes a 400 before any engine work, and
         the engine then finds the grammar compiled when it admits the request. Cancelling the wait
         leaves the compile running (and cached) for whoever asks next."""
-        inner = asyncio.wrap_future(self.engine.structured.compiler.submit(spec))
-        inner.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, never logged
-        await asyncio.shield(inner)
+        await self.engine.structured.compiler.wait(spec)
 
     def _add(self, request: EngineRequest) -> None:
         try:

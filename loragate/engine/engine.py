@@ -37,6 +37,7 @@ from loragate.engine import prompt_logprobs
 from loragate.engine.sampler import Sampler, SampleRow, make_generator
 from loragate.engine.scheduler import Scheduler
 from loragate.engine.sequence import Sequence, SeqState
+from loragate.engine.structured.backend import llguidance_backend
 from loragate.engine.structured.runtime import StructuredRuntime
 from loragate.engine.tokenizer import Tokenizer
 from loragate.kernels import native
@@ -50,15 +51,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda requested but no CUDA device is available")
     return torch.device(name)
-
-
-def _grammar_backend(tokenizer, vocab_size: int, eos_ids: list[int]):
-    """The grammar backend, built by the first compile job. llguidance is imported only then, so an
-    engine that never sees a constrained request does not need it (e.g. a CUDA image with the engine's
-    dependencies only)."""
-    from loragate.engine.structured.llg import LLGuidanceBackend
-
-    return LLGuidanceBackend.create(tokenizer, vocab_size, eos_ids)
 
 
 class Engine:
@@ -121,7 +113,7 @@ class Engine:
         self.sampler = Sampler(mc.vocab_size, seed=config.seed)
         # grammars compile on the runtime's own threads (the llguidance vocabulary is built there too)
         self.structured = StructuredRuntime(
-            lambda: _grammar_backend(self.tokenizer, mc.vocab_size, sorted(self.eos_ids)))
+            lambda: llguidance_backend(self.tokenizer, mc.vocab_size, sorted(self.eos_ids)))
         self.seqs: dict[str, Sequence] = {}
         self.num_steps = 0
 

@@ -57,3 +57,12 @@ class GrammarBackend(Protocol):
 
 def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
+
+
+def llguidance_backend(tokenizer, vocab_size: int, eos_ids: list[int]) -> GrammarBackend:
+    """The default backend (`llg.py`), for a `GrammarCompiler`'s factory: it runs on the first compile
+    job, and llguidance is imported only then, so an engine that never sees a constrained request
+    does not need it (e.g. a CUDA image with the engine's dependencies only)."""
+    from loragate.engine.structured.llg import LLGuidanceBackend
+
+    return LLGuidanceBackend.create(tokenizer, vocab_size, eos_ids)

@@ -9,6 +9,7 @@ engine loop can wake up and admit the requests that waited for it.
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import OrderedDict
@@ -58,6 +59,14 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)  # holders of an evicted future keep it alive
         fut.add_done_callback(self._notify)
         return fut
+
+    async def wait(self, spec: StructuredSpec) -> None:
+        """Await `spec`'s compile (submitted now, or found in the cache) from an event loop; raises
+        GrammarError when it is invalid. Cancelling the wait (the caller's time limit) leaves the
+        compile running and cached for whoever asks next."""
+        inner = asyncio.wrap_future(self.submit(spec))
+        inner.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved, never logged
+        await asyncio.shield(inner)
 
     def compile_now(self, spec: StructuredSpec) -> Grammar:
         """Compile on the calling thread, bypassing the cache (benchmarks and tests)."""
