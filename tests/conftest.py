@@ -33,6 +33,22 @@ def checkpoints(tmp_path_factory, tokenizer_dir):
     return get
 
 
+@pytest.fixture(scope="module")
+def base(checkpoints):
+    """The default test checkpoint (Llama 3 shape, float32); a module that needs another shape
+    defines its own `base`."""
+    return checkpoints("llama3")
+
+
+@pytest.fixture(scope="module")
+def hf_model(base):
+    """transformers' model of `base` in float32, the reference the engine's outputs are held to."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+
+
 @pytest.fixture(params=["native", "avx2", "portable"])
 def isa_target(request, monkeypatch):
     """Runs a native-kernel test once per build path this host can execute: the default native

@@ -12,18 +12,6 @@ from engine_utils import hf_greedy, make_engine, random_prompts, request, run_to
 
 
 @pytest.fixture(scope="module")
-def base(checkpoints):
-    return checkpoints("llama3")
-
-
-@pytest.fixture(scope="module")
-def hf_model(base):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
 def prompts(hf_model):
     return random_prompts(8, hf_model.config.vocab_size, seed=3)
 

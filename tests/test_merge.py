@@ -30,11 +30,6 @@ MAX_RANK = 16
 
 
 @pytest.fixture(scope="module")
-def base(checkpoints):
-    return checkpoints("llama3")
-
-
-@pytest.fixture(scope="module")
 def parts(base, tmp_path_factory):
     root = tmp_path_factory.mktemp("merge-parts")
     return {n: build_adapter(base, root / n, rank=r, alpha=a, targets=t, seed=s) for n, (r, a, t, s) in PARTS.items()}

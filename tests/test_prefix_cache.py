@@ -133,11 +133,6 @@ def test_disabled_pool_is_a_plain_free_list():
 
 # ---- the engine --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def base(checkpoints):
-    return checkpoints("llama3")
-
-
-@pytest.fixture(scope="module")
 def vocab(base):
     from loragate.engine.model.config import ModelConfig
 

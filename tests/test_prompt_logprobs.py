@@ -43,18 +43,6 @@ def delivered(outs):
 
 
 @pytest.fixture(scope="module")
-def base(checkpoints):
-    return checkpoints("llama3")
-
-
-@pytest.fixture(scope="module")
-def hf_model(base):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
 def prompts(hf_model):
     return random_prompts(5, hf_model.config.vocab_size, seed=7, lo=5, hi=30)
 

@@ -39,11 +39,6 @@ MAX_TOKENS = 200  # far above the longest valid answer of any schema above
 
 
 @pytest.fixture(scope="module")
-def base(checkpoints):
-    return checkpoints("llama3")
-
-
-@pytest.fixture(scope="module")
 def adapters(base, tmp_path_factory):
     root = tmp_path_factory.mktemp("structured-adapters")
     return {f"s{i}": build_adapter(base, root / f"s{i}", rank=4, alpha=8, targets=t, seed=40 + i)
