@@ -73,24 +73,14 @@ def chat_logprobs(tokenizer, lps: list[TokenLogprob], top_n: int) -> ChatLogprob
 
 def echo_logprobs(tokenizer, ids: list[int], entries: list[TokenLogprob | None], top_n: int) -> CompletionLogprobs:
     """Legacy completions logprobs of the echoed prompt tokens, as OpenAI's `echo` with `logprobs`
-    gave them: the first token's logprob and top_logprobs are null (nothing predicts it)."""
-    out = CompletionLogprobs()
-    offset = 0
-    for tid, lp in zip(ids, entries):
-        text = tokenizer.token_text(tid)
-        out.tokens.append(text)
-        out.text_offset.append(offset)
-        offset += len(text)
-        if lp is None:
-            out.token_logprobs.append(None)
-            out.top_logprobs.append(None)
-            continue
-        out.token_logprobs.append(lp.logprob)
-        top: dict[str, float] = {}
-        for t, v in lp.top[:top_n]:
-            top.setdefault(tokenizer.token_text(t), v)
-        out.top_logprobs.append(top)
-    return out
+    gave them: the first token's logprob and top_logprobs are null (nothing predicts it), the rest
+    as `completion_logprobs` renders generated tokens. `entries` is the engine's prompt logprobs
+    (first entry None), or empty when there are none."""
+    if not entries or not ids:
+        return CompletionLogprobs()
+    first = tokenizer.token_text(ids[0])
+    head = CompletionLogprobs(tokens=[first], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
+    return joined_logprobs(head, completion_logprobs(tokenizer, entries[1:len(ids)], top_n, len(first)))
 
 
 def joined_logprobs(first: CompletionLogprobs, then: CompletionLogprobs) -> CompletionLogprobs:
