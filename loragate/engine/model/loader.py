@@ -24,14 +24,6 @@ def checkpoint_dtype(cfg: ModelConfig) -> torch.dtype | None:
     return DTYPES.get(str(cfg.torch_dtype).replace("torch.", ""))
 
 
-def resolve_dtype(requested: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    """The compute dtype for this checkpoint on `device` (see loragate.engine.host.choose_dtype:
-    on the CPU, bf16 only where the CPU multiplies it natively)."""
-    from loragate.engine import host
-
-    return host.choose_dtype(requested, checkpoint_dtype(cfg), device.type, host.detect().features).dtype
-
-
 def safetensor_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
