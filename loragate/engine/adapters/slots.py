@@ -23,7 +23,6 @@ import torch
 
 from loragate.engine.model.lora import GROUPS, MODULE_TO_GROUP, LoraGroupSpec
 
-DEFAULT_ADAPTER_MEMORY_FRACTION = 0.1
 # Slot-count cap when more adapters may arrive after start-up (an adapter dir, the admin API): past
 # a thousand resident adapters the CPU tier and the loader serve the rest, and the per-step
 # bookkeeping is linear in the slot count.
