@@ -86,8 +86,3 @@ def draining_server(app, host: str, port: int, log_level: str, shutdown_timeout:
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=10)
     return DrainingServer(config, app.state.ctx, shutdown_timeout)
-
-
-def run_server(app, host: str, port: int, log_level: str, shutdown_timeout: float) -> None:
-    """Serve `app` until SIGTERM/SIGINT, then drain it."""
-    draining_server(app, host, port, log_level, shutdown_timeout).run()
