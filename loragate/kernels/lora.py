@@ -43,11 +43,6 @@ def enable_triton() -> None:
     _triton_disabled = None
 
 
-def triton_disabled() -> str | None:
-    """Why the Triton kernels are switched off, or None when they are not."""
-    return _triton_disabled
-
-
 @lru_cache(maxsize=1)
 def _triton_module() -> ModuleType | None:
     """`lora_triton`, or None when triton cannot be imported here."""
