@@ -40,7 +40,7 @@ from loragate.engine.sampling_params import SamplingParams
 def make_engine(base, adapters: list, caching: bool, args) -> Engine:
     cfg = EngineConfig(model=str(base), dtype=args.dtype, device=args.device,
                        adapters=tuple((p.name, str(p)) for p in adapters), max_loras=max(len(adapters), 1),
-                       max_lora_rank=16, max_num_seqs=max(args.streams, 1), max_num_batched_tokens=2048,
+                       max_lora_rank=16, max_num_seqs=max(args.streams, 1), max_num_batched_tokens=args.max_num_batched_tokens,
                        kv_cache_memory=args.kv_cache_memory << 20, enable_prefix_caching=caching)
     engine = Engine(cfg)
     engine.start()
@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--random-len", type=int, default=256, help="prompt length of workload (b)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--kv-cache-memory", type=int, default=1024, help="MiB, per engine")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048, help="both engines' step token budget")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--skip-random", action="store_true", help="run only (a)")

@@ -266,6 +266,29 @@ def test_greedy_outputs_equal_with_and_without_caching(base, adapters, vocab, sc
         assert cached[0] == 0 and all(c >= 28 for c in cached[4:])  # the system prompt's 7 blocks
 
 
+def test_batched_chunk_attention_keeps_greedy_outputs(base, adapters, vocab, monkeypatch):
+    """The CPU batches short chunks over cached context (chunk_attention.py) in bf16 only; forced
+    on here for float32, a burst of cached-prefix requests over base + adapters gives the very
+    tokens it gives with caching off."""
+    from loragate.engine.model import chunk_attention
+
+    work = shared_prefix_workload(vocab)
+    off_engine = engine_with(base, adapters, enable_prefix_caching=False)
+    off = run_workload(off_engine, work, waves=(0, 3))
+    off_engine.shutdown()
+    monkeypatch.setattr(chunk_attention, "BATCHED_DTYPES", (torch.float32,))
+    batched = []
+    real = chunk_attention.attend_group
+    monkeypatch.setattr(chunk_attention, "attend_group", lambda q, c, g, s, o: (batched.append(g.num_chunks),
+                                                                               real(q, c, g, s, o)))
+    engine = engine_with(base, adapters, enable_prefix_caching=True)
+    on = run_workload(engine, work, waves=(0, 3))
+    assert_all_released(engine)
+    engine.shutdown()
+    assert batched and max(batched) >= 3  # the second wave's cached-prefix chunks went in one call
+    assert on[0] == off[0] and sum(on[1]) > 0
+
+
 def test_n3_choices_share_the_prompt_blocks(base, adapters, vocab):
     prompt = random_prompts(1, vocab, seed=12, lo=30, hi=31)[0]  # 30 tokens: 7 full blocks
     results = {}
