@@ -37,6 +37,18 @@ class KVCacheSpec:
         return max(0, nbytes // self.bytes_per_block())
 
 
+def context_rows(kv_index: torch.Tensor, num_kv_heads: int, num_slots: int) -> torch.Tensor:
+    """Rows of a layer's cache viewed flat as [2 * kv_heads * slots, head_dim] that hold the keys,
+    then the values, of the contexts whose slots `kv_index` [B, L] names, in (sequence, KV head,
+    position) order: one dim-0 index_select of them (the fast row-copy path, measured ~2x the speed
+    of index_select along the slot dim) is the [B * kv_heads, L, head_dim] key and value operands of
+    batched attention matmuls as they are."""
+    B = kv_index.shape[0]
+    heads = torch.arange(num_kv_heads, device=kv_index.device).view(1, num_kv_heads, 1) * num_slots
+    keys = (kv_index.view(B, 1, -1) + heads).reshape(-1)
+    return torch.cat([keys, keys + num_kv_heads * num_slots])
+
+
 class KVCache:
     """The cache tensors of every layer plus the allocator of their blocks."""
 

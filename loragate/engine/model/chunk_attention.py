@@ -6,12 +6,12 @@ burst of such requests (a customer's assistant, every turn starting with the sam
 puts dozens of short chunks into one step, each attending to a context of a thousand tokens or
 more. Attended one chunk at a time, SDPA's per-call set-up and its masked CPU path dominate:
 profiled on a 2-core AVX-512 host, 32 chunks of 28 tokens over 1,048-token contexts took ~23 ms a
-layer in bf16, half the step. Here such chunks are attended together in three batched calls whose batch
-is (chunk, KV head), the same layout the decode path uses
+layer in bf16, half the step. Here such chunks are attended together in two batched matmuls and a
+softmax whose batch is (chunk, KV head), the same layout the decode path uses
 (`attention.decode_attention_torch`): the query heads that share a KV head ride along as rows of
 one matmul (GQA without repeating keys), the contexts are gathered from the head-major cache in
 one row copy, and the bottom-right causal mask plus the padding of shorter chunks and contexts is
-an additive bias broadcast over the scores. The scores are computed in the cache's dtype, as
+an additive bias on the few columns it touches. The scores are computed in the cache's dtype, as
 transformers' eager attention computes them.
 
 Chunks are grouped so the padding stays bounded: only chunks of at most `SHORT_CHUNK` tokens are
@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from loragate.engine.kv_cache import context_rows
 
 # Where batching measured faster than SDPA per chunk: in bench/prefix.py's burst step on a 2-core
 # AVX-512 host (32 chunks of 28 tokens over 1,048-token contexts, SmolLM-135M shapes), bf16
@@ -57,12 +59,10 @@ class ChunkGroup:
     _bias: torch.Tensor | None = None
 
     def gather(self, num_kv_heads: int, num_slots: int) -> torch.Tensor:
-        """Rows of the flat [2*Hk*slots, D] cache view holding every chunk's keys, then values, in
-        (chunk, KV head, position) order: one index_select gives the [B*Hk, L, D] operands."""
+        """Rows of the flat cache view holding every chunk's keys, then values
+        (`kv_cache.context_rows`): one index_select gives the [B*Hk, L, D] operands."""
         if self._gather is None:
-            heads = torch.arange(num_kv_heads, device=self.kv_slots.device).view(1, num_kv_heads, 1) * num_slots
-            keys = (self.kv_slots.unsqueeze(1) + heads).reshape(-1)
-            self._gather = torch.cat([keys, keys + num_kv_heads * num_slots])
+            self._gather = context_rows(self.kv_slots, num_kv_heads, num_slots)
         return self._gather
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor:
