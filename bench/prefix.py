@@ -40,7 +40,8 @@ from loragate.engine.sampling_params import SamplingParams
 def make_engine(base, adapters: list, caching: bool, args) -> Engine:
     cfg = EngineConfig(model=str(base), dtype=args.dtype, device=args.device,
                        adapters=tuple((p.name, str(p)) for p in adapters), max_loras=max(len(adapters), 1),
-                       max_lora_rank=16, max_num_seqs=max(args.streams, 1), max_num_batched_tokens=args.max_num_batched_tokens,
+                       max_lora_rank=16, max_num_seqs=max(args.streams, 1),
+                       max_num_batched_tokens=args.max_num_batched_tokens,
                        kv_cache_memory=args.kv_cache_memory << 20, enable_prefix_caching=caching)
     engine = Engine(cfg)
     engine.start()

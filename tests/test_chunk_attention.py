@@ -19,16 +19,16 @@ def make_step(shapes, Hk, dtype, seed=0, fresh=()):
     slots = total + 37
     cache = torch.randn(2 * Hk, slots, D, generator=g).to(dtype)
     perm = torch.randperm(slots, generator=g)
-    chunks, row, used = [], 0, 0
+    chunks, written, row, used = [], [], 0, 0
     for i, (n, ctx) in enumerate(shapes):
         kv_index = perm[used:used + ctx]
         used += ctx
+        written.append(kv_index[ctx - n:])  # the chunk's own tokens are its context's last n
         is_fresh = i in fresh
         chunks.append(PrefillChunk(row, row + n, torch.empty(0, dtype=torch.long) if is_fresh else kv_index,
                                    fresh=is_fresh))
         row += n
-    slot_mapping = torch.cat([perm[sum(c for _, c in shapes[:i]):][:ctx][ctx - n:]
-                              for i, (n, ctx) in enumerate(shapes)])
+    slot_mapping = torch.cat(written)
     return cache, chunks, slot_mapping, row
 
 
