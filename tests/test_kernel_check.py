@@ -12,7 +12,7 @@ import torch
 from loragate import cli
 from loragate.engine import kernel_check
 from loragate.engine.kernel_check import KernelCheckError, check_kernels, check_triton, rank_buckets
-from loragate.kernels import elementwise, native
+from loragate.kernels import chunk_attention, elementwise, native
 from loragate.kernels import lora as lora_dispatch
 
 from engine_utils import make_engine, request, run_to_completion, tokens
@@ -143,7 +143,10 @@ def test_bad_mode_is_refused():
 def test_native_probes_pass(dtype):
     report = check_kernels(CPU, dtype, "auto")
     names = [r.name for r in report.results]
-    assert names[0] == "native lora" and "native decode_attention" in names and len(names) == 6
+    assert names[0] == "native lora" and "native decode_attention" in names
+    # the chunk kernel takes bf16 only: probed in bf16 wherever it runs
+    chunks = dtype == torch.bfloat16 and chunk_attention.path() is not None
+    assert ("native chunk_attention" in names) == chunks and len(names) == 6 + chunks
     assert all(r.ok for r in report.results), [r.cause for r in report.failures]
     assert not report.fallback
 

@@ -34,8 +34,8 @@ class FakeSeq:
     def num_tokens(self) -> int:
         return len(self.tokens)
 
-    def token_at(self, i: int) -> int:
-        return self.tokens[i]
+    def token_slice(self, start: int, end: int) -> list[int]:
+        return self.tokens[start:end]
 
 
 def admit(pool: PrefixCache, seq: FakeSeq, identity: bytes) -> int:

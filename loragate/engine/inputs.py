@@ -36,7 +36,7 @@ def build_forward_batch(scheduled: list[ScheduledSeq], block_size: int, device: 
     for s in scheduled:
         seq, n, start = s.seq, s.num_tokens, s.seq.num_computed
         table = seq.block_table
-        ids.extend(seq.token_at(i) for i in range(start, start + n))
+        ids.extend(seq.token_slice(start, start + n))
         positions.extend(range(start, start + n))
         # plain ints: a step is mostly one-token decodes, where tensor ops per sequence cost more
         slot_map.extend(KVCache.slot(table, p, block_size) for p in range(start, start + n))

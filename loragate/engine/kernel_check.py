@@ -39,7 +39,7 @@ from loragate.kernels.lora_ref import add_lora_ref, lora_expand_ref, lora_shrink
 log = logging.getLogger("loragate.engine")
 
 LORA_KERNELS = ("auto", "torch")
-NATIVE_LIBRARIES = ("lora", "elementwise", "decode_attention")
+NATIVE_LIBRARIES = ("lora", "elementwise", "decode_attention", "chunk_attention")
 TORCH_FLAG = "--lora-kernels torch"
 # max |error| allowed, as (atol, rtol): kernels and references round differently in 16-bit types;
 # a wrong kernel (a slot, a rank, a scale, a stride) is off by O(1)
@@ -243,11 +243,11 @@ def _triton_probes(device: torch.device, dtype: torch.dtype) -> dict[str, Callab
 
 def _native_probes(dtype: torch.dtype) -> dict[str, tuple[str, Callable[[], tuple]]]:
     """name -> (library, probe). References are the engine's own torch forms."""
-    from loragate.engine.model.attention import AttentionMetadata, decode_attention_torch
+    from loragate.engine.model.attention import AttentionMetadata, PrefillChunk, decode_attention_torch, paged_attention
     from loragate.engine.model.llama import swiglu
     from loragate.engine.model.norm import RMSNorm
     from loragate.engine.model.rope import RotaryEmbedding
-    from loragate.kernels import decode_attention, elementwise, lora_cpu
+    from loragate.kernels import chunk_attention, decode_attention, elementwise, lora_cpu
 
     cpu = torch.device("cpu")
     g = torch.Generator().manual_seed(1)
@@ -303,7 +303,26 @@ def _native_probes(dtype: torch.dtype) -> dict[str, tuple[str, Callable[[], tupl
         return (decode_attention.decode_attention_native(q, cache, index, meta.decode_lens, D**-0.5),
                 decode_attention_torch(q, cache, meta, D**-0.5))
 
-    return {
+    def chunks():
+        # short chunks over cached context (one crossing the kernel's 32-row blocks) against SDPA per
+        # chunk, the engine's form without the kernel; bf16 only, the kernel's one dtype
+        Hq, Hk, D = 4, 2, 16
+        cache = rnd(2 * Hk, 96, D)
+        index = torch.randperm(96, generator=g)[:70]
+        starts, lens, ctxs, offsets = [0, 9], [9, 17], [30, 40], [0, 30]
+        plans = [PrefillChunk(s, s + n, index[o:o + c], fresh=False) for s, n, c, o in zip(starts, lens, ctxs, offsets)]
+        slots = torch.cat([p.kv_index[-(p.end - p.start):] for p in plans])  # the chunks' own tokens
+        meta = AttentionMetadata(slot_mapping=slots, prefills=plans)
+        meta._chunk_plan = ([], plans)  # every chunk through SDPA alone
+        q = rnd(sum(lens), Hq, D)
+        expected = paged_attention(q, cache[:, slots].transpose(0, 1), cache.clone(), meta, D**-0.5, native=False)
+        out = torch.zeros_like(q)
+        i64 = lambda xs: torch.tensor(xs, dtype=torch.int64)
+        chunk_attention.chunk_attention_native(q, cache, index, i64(starts), i64(lens), i64(ctxs), i64(offsets),
+                                               D**-0.5, out)
+        return out.view(expected.shape), expected
+
+    probes = {
         "native lora": ("lora", lora),
         "native elementwise.rms_norm": ("elementwise", rms_norm),
         "native elementwise.silu_mul": ("elementwise", silu_mul),
@@ -311,6 +330,9 @@ def _native_probes(dtype: torch.dtype) -> dict[str, tuple[str, Callable[[], tupl
         "native elementwise.argmax": ("elementwise", argmax),
         "native decode_attention": ("decode_attention", attention),
     }
+    if dtype == torch.bfloat16 and chunk_attention.path() is not None:
+        probes["native chunk_attention"] = ("chunk_attention", chunks)
+    return probes
 
 
 def _run_probe(name: str, library: str, probe: Callable[[], tuple], dtype: torch.dtype,

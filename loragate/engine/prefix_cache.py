@@ -67,7 +67,7 @@ class SequenceLike(Protocol):
     @property
     def num_tokens(self) -> int: ...
 
-    def token_at(self, i: int) -> int: ...
+    def token_slice(self, start: int, end: int) -> list[int]: ...
 
 
 @dataclass
@@ -157,7 +157,7 @@ class PrefixCache:
         while len(keys) < num_blocks:
             j = len(keys)
             parent = keys[-1] if keys else b""
-            keys.append(block_key(parent, identity, [seq.token_at(i) for i in range(j * bs, (j + 1) * bs)]))
+            keys.append(block_key(parent, identity, seq.token_slice(j * bs, (j + 1) * bs)))
         return keys
 
     def match(self, seq: SequenceLike, identity: bytes | None) -> Match:

@@ -5,7 +5,8 @@ keys are gathered through its block table into a padded [B, L] index, masked pas
 Prefill chunks are attended one sequence at a time with a bottom-right causal mask (the chunk's
 queries sit at the end of the sequence's context), which covers plain prefill, chunked prefill
 and recompute after preemption with one code path; on the CPU, short chunks over cached context
-(a burst of requests after their cached prefixes) are batched instead (chunk_attention.py).
+(a burst of requests after their cached prefixes) are attended together instead, by a fused
+native kernel or batched matmuls (chunk_attention.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from loragate.engine.kv_cache import context_rows
 from loragate.engine.model import chunk_attention
+from loragate.kernels import chunk_attention as native_chunks
 from loragate.kernels.decode_attention import decode_attention_native, use_native
 
 
@@ -54,15 +56,21 @@ class AttentionMetadata:
     _chunk_plan: tuple[list, list] | None = field(default=None, repr=False)
 
     def chunk_plan(self, num_kv_heads: int, group: int, dtype: torch.dtype) -> tuple[list, list[PrefillChunk]]:
-        """The prefill chunks as (batched groups of short chunks over cached context, the chunks
-        attended one at a time), planned by the first layer and reused by the others. Batching
-        applies on the CPU in the dtypes where it measured faster (`chunk_attention.BATCHED_DTYPES`)."""
+        """The prefill chunks as (batched plans of short chunks over cached context, each with an
+        `attend(q, kv_cache, scale, out)`; the chunks attended one at a time), planned by the first
+        layer and reused by the others. On the CPU the short chunks go to the fused native kernel
+        where it is fast (`chunk_attention.plan_native`), else to batched matmuls in the dtypes where
+        those measured faster (`chunk_attention.BATCHED_DTYPES`); elsewhere every chunk is alone."""
         if self._chunk_plan is None:
             cached = [c for c in self.prefills if not c.fresh]
+            fresh = [c for c in self.prefills if c.fresh]
             device = self.slot_mapping.device
-            if len(cached) > 1 and device.type == "cpu" and dtype in chunk_attention.BATCHED_DTYPES:
+            if cached and native_chunks.use_native(dtype, device):
+                plans, alone = chunk_attention.plan_native(cached)
+                self._chunk_plan = (plans, fresh + alone)
+            elif len(cached) > 1 and device.type == "cpu" and dtype in chunk_attention.BATCHED_DTYPES:
                 groups, alone = chunk_attention.plan_groups(cached, device, num_kv_heads, group)
-                self._chunk_plan = (groups, [c for c in self.prefills if c.fresh] + alone)
+                self._chunk_plan = (groups, fresh + alone)
             else:
                 self._chunk_plan = ([], self.prefills)
         return self._chunk_plan
@@ -123,9 +131,9 @@ def paged_attention(
     if decodes:
         decoded = attend(q.index_select(0, meta.decode_rows), kv_cache, meta, scale)
         out.index_copy_(0, meta.decode_rows, decoded)
-    groups, alone = meta.chunk_plan(Hk, group, q.dtype)
-    for g in groups:
-        chunk_attention.attend_group(q, kv_cache, g, scale, out)
+    plans, alone = meta.chunk_plan(Hk, group, q.dtype)
+    for plan in plans:
+        plan.attend(q, kv_cache, scale, out)
     for chunk in alone:
         # 4-D inputs with KV heads repeated up to the query heads: with 3-D or GQA inputs the CPU
         # SDPA falls back to its math path (measured ~2.7x slower on a 70-token prefill)

@@ -18,6 +18,11 @@ Chunks are grouped so the padding stays bounded: only chunks of at most `SHORT_C
 batched, grouped by similar context length, and a group's score tensor is capped in size. Longer
 chunks (a long prompt's later chunks) go through SDPA one at a time, where the per-call cost is
 small against the work.
+
+Where the CPU multiplies bf16 natively (AVX-512 BF16), the short chunks skip all of that and go to
+one fused native call instead (`loragate.kernels.chunk_attention`, planned as a `NativeChunks`):
+no gathered contexts, no padded scores, no separate mask and softmax passes. The batched torch
+form above stays as the fallback on other hosts and as the kernel's oracle in the tests.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from loragate.engine.kv_cache import context_rows
+from loragate.kernels import chunk_attention as native_chunks
 
 # Where batching measured faster than SDPA per chunk: in bench/prefix.py's burst step on a 2-core
 # AVX-512 host (32 chunks of 28 tokens over 1,048-token contexts, SmolLM-135M shapes), bf16
@@ -58,6 +64,9 @@ class ChunkGroup:
     _gather: torch.Tensor | None = None
     _bias: torch.Tensor | None = None
 
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+        attend_group(q, kv_cache, self, scale, out)
+
     def gather(self, num_kv_heads: int, num_slots: int) -> torch.Tensor:
         """Rows of the flat cache view holding every chunk's keys, then values
         (`kv_cache.context_rows`): one index_select gives the [B*Hk, L, D] operands."""
@@ -74,6 +83,40 @@ class ChunkGroup:
             flat = torch.zeros(B, N, W, dtype=dtype, device=self.allowed.device)
             self._bias = flat.masked_fill_(~self.allowed, float("-inf")).view(B, 1, N, 1, W)
         return self._bias
+
+
+@dataclass
+class NativeChunks:
+    """Short chunks over cached context for the fused native kernel: per chunk its first query row,
+    its tokens, its context length and where its slots start in the concatenated `kv_index`."""
+
+    q_start: torch.Tensor  # [C] int64
+    lens: torch.Tensor  # [C] int64
+    ctxs: torch.Tensor  # [C] int64
+    kv_offsets: torch.Tensor  # [C] int64
+    kv_index: torch.Tensor  # [sum ctxs] int64
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+        native_chunks.chunk_attention_native(q, kv_cache, self.kv_index, self.q_start, self.lens, self.ctxs,
+                                             self.kv_offsets, scale, out)
+
+
+def plan_native(chunks: list) -> tuple[list[NativeChunks], list]:
+    """The step's chunks over cached context as one native call for the short ones and the rest
+    (longer chunks, attended alone by SDPA, as on the torch path)."""
+    short = [c for c in chunks if c.end - c.start <= SHORT_CHUNK]
+    rest = [c for c in chunks if c.end - c.start > SHORT_CHUNK]
+    if not short:
+        return [], rest
+    ctxs = [c.kv_index.numel() for c in short]
+    offsets = [0]
+    for n in ctxs[:-1]:
+        offsets.append(offsets[-1] + n)
+    plan = NativeChunks(q_start=torch.tensor([c.start for c in short]),
+                        lens=torch.tensor([c.end - c.start for c in short]), ctxs=torch.tensor(ctxs),
+                        kv_offsets=torch.tensor(offsets),
+                        kv_index=torch.cat([c.kv_index.reshape(-1) for c in short]).to(torch.int64).contiguous())
+    return [plan], rest
 
 
 def plan_groups(chunks: list, device: torch.device, num_kv_heads: int, group: int) -> tuple[list[ChunkGroup], list]:
