@@ -9,7 +9,11 @@ from native_marks import needs_compiler
 
 from loragate.engine import host
 from loragate.engine.model import chunk_attention
-from loragate.engine.model.attention import AttentionMetadata, PrefillChunk, paged_attention
+from loragate.engine.model.attention import (
+    AttentionMetadata,
+    PrefillChunk,
+    paged_attention,
+)
 from loragate.kernels import chunk_attention as native_chunks
 from loragate.kernels import native
 
@@ -77,7 +81,7 @@ def chunk_path(request, monkeypatch):
     return found
 
 
-@pytest.mark.parametrize("Hq,Hk,D", [(9, 3, 64), (4, 4, 16), (8, 2, 128)])
+@pytest.mark.parametrize("Hq,Hk,D", [(9, 3, 64), (4, 4, 16), (8, 2, 128), (6, 2, 80)])
 def test_native_chunks_match_float32_sdpa(Hq, Hk, D, chunk_path):
     q, cache, index, q_start, lens, ctxs, offsets = build(SHAPES, Hq, Hk, D)
     out = torch.full(q.shape, 7.0, dtype=torch.bfloat16)

@@ -36,7 +36,7 @@ _ARGTYPES = [
 ]
 _paths: dict[str, str | None] = {}  # built library file -> its arithmetic path (asked once)
 _ERRORS = {-1: "only bfloat16 is supported", -2: "an index or length is out of range",
-           -3: "head_dim must be a multiple of 8 up to 256 and Hq a multiple of Hk"}
+           -3: "head_dim must be a multiple of 16 up to 256 and Hq a multiple of Hk"}
 
 
 def path() -> str | None:

@@ -6,21 +6,21 @@
 // then runs a score matmul, a mask, a softmax and a second matmul, each a pass over a score tensor
 // of (tokens x heads x context) elements; profiled on a 2-core AVX-512 host those passes and the
 // gather took as long as the two matmuls. Here one pass does it all, flash-attention style: the
-// scores of a block of keys are computed, masked, exponentiated against a running maximum and
-// multiplied into the output while they are still in the first-level cache, and keys and values are
-// read in place through the chunk's slot index.
+// scores of a block of 64 keys are computed, masked, exponentiated against a running maximum and
+// multiplied into the output while they are still in registers and the first-level cache, and keys
+// and values are read in place through the chunk's slot index.
 //
-// Work item = (chunk, KV head, block of 32 query rows). The rows are the chunk's (token, query head)
-// pairs of that KV head, token-major, so the g query heads sharing a KV head share every key and
-// value loaded (GQA without repeating keys). Everything runs "lanes over rows": one vector holds
-// one column of 16 rows, so the running max, the sum and the rescaling are plain vertical
-// operations and no score is ever transposed. Both products are bf16 pair dot products
-// (AVX-512 BF16 `vdpbf16ps`, fp32 accumulation): a query row's pair of dims against a key's
-// broadcast pair for the scores, a row's pair of probabilities (rounded to bf16, as torch's bf16
-// softmax output is) against a value's broadcast pair of keys for the output. Other AVX-512 hosts
-// emulate the pair product with two FMAs, other hosts with plain loops: same algorithm and the
-// same rounding, so the kernel is tested everywhere; the engine uses it where it is fast (see
-// `loragate_chunk_attention_path`).
+// Work item = (chunk, KV head, up to 96 query rows). The rows are the chunk's (token, query head)
+// pairs of that KV head, so the g query heads sharing a KV head share every key and value block
+// packed (GQA without repeating keys). Vectors run over keys for the scores and over head dims for
+// the output, so the only padding is the last key block's (rows need none: a chunk of 28 tokens and
+// 3 query heads per KV head is 84 rows, which lanes over rows would pad to 96). Both products are
+// bf16 pair dot products with fp32 accumulation (AVX-512 BF16 `vdpbf16ps`): a key block packed as
+// pairs of dims against a query row's broadcast pair for the scores; a value block packed as pairs
+// of keys against a row's broadcast pair of probabilities (rounded to bf16, as torch's bf16 softmax
+// output is) for the output. Other AVX-512 hosts emulate the pair product with two FMAs; other
+// hosts run plain loops over the same arithmetic, so the kernel is tested everywhere. The engine
+// uses it by default only where it is fast (see `loragate_chunk_attention_path`).
 //
 // Built on first use by loragate/kernels/native.py (plain C ABI, loaded with ctypes).
 #include <algorithm>
@@ -44,11 +44,9 @@ namespace {
 
 using namespace loragate;
 
-constexpr int64_t kLanes = 16;      // query rows per vector
-constexpr int64_t kRowBlock = 32;   // query rows per work item (two vectors)
-constexpr int64_t kKeyBlock = 64;   // keys per softmax block: scores stay in L1 between the passes
-constexpr int64_t kKeyTile = 8;     // keys per score micro-tile (8 x 2 accumulators)
-constexpr int64_t kDimTile = 8;     // head dims per output micro-tile (8 x 2 accumulators)
+constexpr int64_t kKeyBlock = 64;   // keys per block: 4 vectors of scores per row, kept in registers
+constexpr int64_t kItemRows = 96;   // query rows per work item (they share the item's packed blocks)
+constexpr int64_t kRowTile = 5;     // rows per micro-tile: 5 x 4 accumulators + 4 key vectors fit the 32 registers
 constexpr int64_t kMaxHeadDim = 256;
 
 // bf16 bits of a float, rounded to nearest even (probabilities: never NaN or inf)
@@ -72,85 +70,6 @@ inline float bf16_hi(uint32_t pair) {
     return f;
 }
 
-#if defined(LORAGATE_VEC_AVX512)
-// acc[l] += a[l].lo * b.lo + a[l].hi * b.hi, for 16 lanes of bf16 pairs and a broadcast pair b
-inline __m512 pair_dot(__m512 acc, __m512i a, uint32_t b) {
-#if defined(__AVX512BF16__)
-    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)_mm512_set1_epi32(static_cast<int>(b)));
-#else
-    const __m512 alo = _mm512_castsi512_ps(_mm512_slli_epi32(a, 16));
-    const __m512 ahi = _mm512_castsi512_ps(_mm512_and_si512(a, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
-    return _mm512_fmadd_ps(ahi, _mm512_set1_ps(bf16_hi(b)), _mm512_fmadd_ps(alo, _mm512_set1_ps(bf16_lo(b)), acc));
-#endif
-}
-
-// s[j][0:32] = sum_p qp[p][0:32] . key_j[p] for kKeyTile keys (s rows kRowBlock apart)
-inline void score_tile(const uint32_t* qp, const uint32_t* const* keys, int64_t pairs, float* s) {
-    __m512 acc[kKeyTile][2];
-    for (int64_t j = 0; j < kKeyTile; ++j) acc[j][0] = acc[j][1] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < pairs; ++p) {
-        const __m512i a0 = _mm512_loadu_si512(qp + p * kRowBlock);
-        const __m512i a1 = _mm512_loadu_si512(qp + p * kRowBlock + kLanes);
-        for (int64_t j = 0; j < kKeyTile; ++j) {
-            const uint32_t b = keys[j][p];
-            acc[j][0] = pair_dot(acc[j][0], a0, b);
-            acc[j][1] = pair_dot(acc[j][1], a1, b);
-        }
-    }
-    for (int64_t j = 0; j < kKeyTile; ++j) {
-        _mm512_storeu_ps(s + j * kRowBlock, acc[j][0]);
-        _mm512_storeu_ps(s + j * kRowBlock + kLanes, acc[j][1]);
-    }
-}
-
-// o[d][0:32] += sum_jp pp[jp][0:32] . vp[jp][d] for kDimTile dims d (o rows kRowBlock apart)
-inline void output_tile(const uint32_t* pp, const uint32_t* vp, int64_t head_dim, int64_t key_pairs, float* o) {
-    __m512 acc[kDimTile][2];
-    for (int64_t d = 0; d < kDimTile; ++d) {
-        acc[d][0] = _mm512_loadu_ps(o + d * kRowBlock);
-        acc[d][1] = _mm512_loadu_ps(o + d * kRowBlock + kLanes);
-    }
-    for (int64_t jp = 0; jp < key_pairs; ++jp) {
-        const __m512i a0 = _mm512_loadu_si512(pp + jp * kRowBlock);
-        const __m512i a1 = _mm512_loadu_si512(pp + jp * kRowBlock + kLanes);
-        const uint32_t* v = vp + jp * head_dim;
-        for (int64_t d = 0; d < kDimTile; ++d) {
-            acc[d][0] = pair_dot(acc[d][0], a0, v[d]);
-            acc[d][1] = pair_dot(acc[d][1], a1, v[d]);
-        }
-    }
-    for (int64_t d = 0; d < kDimTile; ++d) {
-        _mm512_storeu_ps(o + d * kRowBlock, acc[d][0]);
-        _mm512_storeu_ps(o + d * kRowBlock + kLanes, acc[d][1]);
-    }
-}
-#else
-inline void score_tile(const uint32_t* qp, const uint32_t* const* keys, int64_t pairs, float* s) {
-    for (int64_t j = 0; j < kKeyTile; ++j) {
-        float acc[kRowBlock] = {};
-        for (int64_t p = 0; p < pairs; ++p) {
-            const float blo = bf16_lo(keys[j][p]), bhi = bf16_hi(keys[j][p]);
-            const uint32_t* a = qp + p * kRowBlock;
-#pragma omp simd
-            for (int64_t r = 0; r < kRowBlock; ++r) acc[r] += bf16_lo(a[r]) * blo + bf16_hi(a[r]) * bhi;
-        }
-        std::memcpy(s + j * kRowBlock, acc, sizeof(acc));
-    }
-}
-
-inline void output_tile(const uint32_t* pp, const uint32_t* vp, int64_t head_dim, int64_t key_pairs, float* o) {
-    for (int64_t jp = 0; jp < key_pairs; ++jp) {
-        const uint32_t* a = pp + jp * kRowBlock;
-        for (int64_t d = 0; d < kDimTile; ++d) {
-            const float blo = bf16_lo(vp[jp * head_dim + d]), bhi = bf16_hi(vp[jp * head_dim + d]);
-            float* od = o + d * kRowBlock;
-#pragma omp simd
-            for (int64_t r = 0; r < kRowBlock; ++r) od[r] += bf16_lo(a[r]) * blo + bf16_hi(a[r]) * bhi;
-        }
-    }
-}
-#endif
-
 // One call's arguments (see loragate_chunk_attention).
 struct Args {
     const uint16_t* q;
@@ -168,31 +87,54 @@ struct Args {
     int num_threads;
 };
 
-// Per-thread scratch, in the layouts the micro-tiles read.
-struct Scratch {
-    std::vector<uint32_t> qp;    // [D/2][kRowBlock] the rows' query pairs
-    std::vector<float> s;        // [kKeyBlock][kRowBlock] scores, then probabilities
-    std::vector<uint32_t> pp;    // [kKeyBlock/2][kRowBlock] probability pairs (bf16)
-    std::vector<uint32_t> vp;    // [kKeyBlock/2][D] value pairs (two keys' bf16 of one dim)
-    std::vector<float> o;        // [D][kRowBlock] unnormalised output
-    float m[kRowBlock], l[kRowBlock];
-    int64_t last[kRowBlock];     // the last context position each row may attend to
+// A work item: rows [r0, r1) of chunk c's rows for KV head h.
+struct Item {
+    int64_t c, h, r0, r1;
 };
 
-// Scores of keys past the chunk's context or past a row's last position: -inf.
-inline void mask_block(Scratch& w, int64_t kb, int64_t kn, int64_t kpad) {
-    for (int64_t j = 0; j < kpad; ++j) {
-        float* sj = w.s.data() + j * kRowBlock;
-        const int64_t pos = j < kn ? kb + j : INT64_MAX;
-#pragma omp simd
-        for (int64_t r = 0; r < kRowBlock; ++r) sj[r] = pos <= w.last[r] ? sj[r] : -INFINITY;
+// What an item's rows need to know, resolved once.
+struct Rows {
+    const uint16_t* q[kItemRows];  // each row's query (D bf16)
+    uint16_t* out[kItemRows];      // where its output goes
+    int64_t last[kItemRows];       // the last context position it may attend to
+    float m[kItemRows], l[kItemRows];  // running max (raw score) and sum of exp
+    int64_t count, last_min, last_max;
+};
+
+Rows resolve_rows(const Args& a, const Item& it) {
+    const int64_t D = a.head_dim, g = a.num_q_heads / a.num_kv_heads;
+    const int64_t n = a.lens[it.c], ctx = a.ctxs[it.c];
+    Rows r;
+    r.count = it.r1 - it.r0;
+    r.last_min = INT64_MAX;
+    r.last_max = 0;
+    for (int64_t i = 0; i < r.count; ++i) {
+        const int64_t row = it.r0 + i, t = row / g, head = it.h * g + row % g;
+        r.q[i] = a.q + (a.q_start[it.c] + t) * a.q_stride + head * D;
+        r.out[i] = a.out + (a.q_start[it.c] + t) * a.out_stride + head * D;
+        r.last[i] = ctx - n + t;
+        r.last_min = std::min(r.last_min, r.last[i]);
+        r.last_max = std::max(r.last_max, r.last[i]);
+        r.m[i] = -INFINITY;
+        r.l[i] = 0.0f;
     }
+    return r;
 }
 
 #if defined(LORAGATE_VEC_AVX512)
-// 2^x for x <= 0 (below -126: 2^-126, which a probability of at least 1 beside it makes nothing):
-// degree-5 polynomial on the fraction (relative error ~3e-6, far below the bf16 rounding the
-// probabilities get), scaled by the integer part with vscalefps.
+// acc[l] += a[l].lo * b.lo + a[l].hi * b.hi, for 16 lanes of bf16 pairs and a broadcast pair b
+inline __m512 pair_dot(__m512 acc, __m512i a, uint32_t b) {
+#if defined(__AVX512BF16__)
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)_mm512_set1_epi32(static_cast<int>(b)));
+#else
+    const __m512 alo = _mm512_castsi512_ps(_mm512_slli_epi32(a, 16));
+    const __m512 ahi = _mm512_castsi512_ps(_mm512_and_si512(a, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+    return _mm512_fmadd_ps(ahi, _mm512_set1_ps(bf16_hi(b)), _mm512_fmadd_ps(alo, _mm512_set1_ps(bf16_lo(b)), acc));
+#endif
+}
+
+// 2^x for x <= 0 (clamped at -126): degree-5 polynomial on the fraction (relative error ~3e-6, far
+// below the bf16 rounding the probabilities get), scaled by the integer part with vscalefps.
 inline __m512 exp2_nonpositive(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
     const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -206,185 +148,301 @@ inline __m512 exp2_nonpositive(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-// Per lane, the bf16 of p0 (low half) and of p1 (high half), rounded to nearest even.
-inline __m512i bf16_pairs(__m512 p0, __m512 p1, __m512i interleave) {
+// 32 bf16 (rounded to nearest even) of two vectors, p0's in the low half: 64 bytes in key order
+inline __m512i bf16_two(__m512 p0, __m512 p1) {
 #if defined(__AVX512BF16__)
-    return _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+    return (__m512i)_mm512_cvtne2ps_pbh(p1, p0);
 #else
-    (void)interleave;
     const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff);
-    const __m512i u0 = _mm512_castps_si512(p0), u1 = _mm512_castps_si512(p1);
-    const __m512i b0 = _mm512_srli_epi32(_mm512_add_epi32(u0, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(u0, 16), one))), 16);
-    const __m512i b1 = _mm512_add_epi32(u1, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(u1, 16), one)));
-    return _mm512_or_si512(b0, _mm512_and_si512(b1, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+    auto round = [&](__m512 p) {
+        const __m512i u = _mm512_castps_si512(p);
+        return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(u, 16), one))), 16);
+    };
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(round(p0))), _mm512_cvtepi32_epi16(round(p1)), 1);
 #endif
 }
 
-// The block's probabilities against each row's running max (rescaling what was summed before when
-// a max moved), summed into l in float32 and stored as bf16 pairs of consecutive keys. Scores are
-// raw dot products; the scale rides in the exponent: p = 2^((s - m) * scale * log2 e).
-inline void softmax_block(Scratch& w, int64_t kpad, float scale, int64_t D) {
-    const __m512 c = _mm512_set1_ps(scale * 1.44269504088896341f);
-    // interleave two keys' bf16 vectors (lanes 0-15: key j, 16-31: key j+1) into per-row pairs
-    const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
-                                           6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    for (int64_t v = 0; v < kRowBlock / kLanes; ++v) {
-        const int64_t r = v * kLanes;
-        __m512 mx = _mm512_loadu_ps(w.m + r);
-        for (int64_t j = 0; j < kpad; ++j) mx = _mm512_max_ps(mx, _mm512_loadu_ps(w.s.data() + j * kRowBlock + r));
-        const __m512 m_old = _mm512_loadu_ps(w.m + r);
-        if (_mm512_cmp_ps_mask(mx, m_old, _CMP_GT_OQ)) {
-            // m_old = -inf (first block): alpha is 2^-126, against l = 0 and o = 0
-            const __m512 alpha = exp2_nonpositive(_mm512_mul_ps(_mm512_sub_ps(m_old, mx), c));
-            _mm512_storeu_ps(w.l + r, _mm512_mul_ps(_mm512_loadu_ps(w.l + r), alpha));
-            for (int64_t d = 0; d < D; ++d) {
-                float* od = w.o.data() + d * kRowBlock + r;
-                _mm512_storeu_ps(od, _mm512_mul_ps(_mm512_loadu_ps(od), alpha));
-            }
-            _mm512_storeu_ps(w.m + r, mx);
-        }
-        const __m512 mc = _mm512_mul_ps(mx, c);
-        __m512 l = _mm512_loadu_ps(w.l + r);
-        for (int64_t j = 0; j < kpad; j += 2) {
-            const __m512 p0 = exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(w.s.data() + j * kRowBlock + r), c, mc));
-            const __m512 p1 =
-                exp2_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(w.s.data() + (j + 1) * kRowBlock + r), c, mc));
-            l = _mm512_add_ps(l, _mm512_add_ps(p0, p1));
-            _mm512_storeu_si512(w.pp.data() + (j / 2) * kRowBlock + r, bf16_pairs(p0, p1, pairs));
-        }
-        _mm512_storeu_ps(w.l + r, l);
+// In-place transpose of a 16 x 16 block of 32-bit elements (rows in r[0..15]).
+inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    // u[4q + k], lane L: column 4L + k of rows 4q .. 4q + 3
+    __m512i u[16];
+    for (int q = 0; q < 4; ++q) {
+        u[4 * q + 0] = _mm512_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
+        u[4 * q + 1] = _mm512_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
+        u[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
+        u[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
+    }
+    // column 4L + k gathers lane L of u[k], u[4 + k], u[8 + k], u[12 + k]
+    for (int k = 0; k < 4; ++k) {
+        const __m512i v0 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x44);
+        const __m512i v1 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xee);
+        const __m512i v2 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x44);
+        const __m512i v3 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xee);
+        r[k] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+        r[4 + k] = _mm512_shuffle_i32x4(v0, v2, 0xdd);
+        r[8 + k] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+        r[12 + k] = _mm512_shuffle_i32x4(v1, v3, 0xdd);
     }
 }
 
-// vp[jp][d] = (values[key 2jp][d], values[key 2jp + 1][d]) as a bf16 pair; keys past kn are zeros.
-inline void pack_values(Scratch& w, const uint16_t* values, const int64_t* idx, int64_t kn, int64_t kpad, int64_t D,
-                        const uint16_t* zero_row) {
+// Per-thread scratch, in the layouts the micro-tiles read.
+struct Scratch {
+    std::vector<uint32_t> kp;  // [D/2][kKeyBlock] the key block as pairs of dims, lanes over keys
+    std::vector<uint32_t> vp;  // [kKeyBlock/2][D] the value block as pairs of keys, lanes over dims
+    std::vector<float> o;      // [kItemRows][D] unnormalised outputs
+    uint32_t p[kRowTile][kKeyBlock / 2];  // a tile's probabilities, bf16 pairs of consecutive keys
+};
+
+// kp[p][j] = pair p of key j's dims; keys past kn are zeros (their scores are masked)
+inline void pack_keys(Scratch& w, const uint16_t* keys, const int64_t* idx, int64_t kn, int64_t D) {
+    const int64_t pairs = D / 2;
+    if (pairs % 16 == 0) {
+        __m512i r[16];
+        for (int64_t kg = 0; kg < kKeyBlock; kg += 16) {
+            for (int64_t pg = 0; pg < pairs; pg += 16) {
+                for (int i = 0; i < 16; ++i)
+                    r[i] = kg + i < kn ? _mm512_loadu_si512(keys + idx[kg + i] * D + 2 * pg) : _mm512_setzero_si512();
+                transpose16(r);
+                for (int i = 0; i < 16; ++i) _mm512_storeu_si512(w.kp.data() + (pg + i) * kKeyBlock + kg, r[i]);
+            }
+        }
+        return;
+    }
+    for (int64_t j = 0; j < kKeyBlock; ++j) {
+        const uint32_t* k = j < kn ? reinterpret_cast<const uint32_t*>(keys + idx[j] * D) : nullptr;
+        for (int64_t p = 0; p < pairs; ++p) w.kp[p * kKeyBlock + j] = k ? k[p] : 0u;
+    }
+}
+
+// vp[jp][d] = (value[2jp][d], value[2jp + 1][d]) as a bf16 pair; keys past kn are zeros
+inline void pack_values(Scratch& w, const uint16_t* values, const int64_t* idx, int64_t kn, int64_t D) {
     const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
                                         37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-    for (int64_t j = 0; j < kpad; j += 2) {
-        const uint16_t* v0 = j < kn ? values + idx[j] * D : zero_row;
-        const uint16_t* v1 = j + 1 < kn ? values + idx[j + 1] * D : zero_row;
+    for (int64_t j = 0; j < kKeyBlock; j += 2) {
         uint32_t* vj = w.vp.data() + (j / 2) * D;
+        if (j >= kn) {
+            std::memset(vj, 0, D * sizeof(uint32_t));
+            continue;
+        }
+        const uint16_t* v0 = values + idx[j] * D;
+        const uint16_t* v1 = j + 1 < kn ? values + idx[j + 1] * D : nullptr;
         int64_t d = 0;
         for (; d + 32 <= D; d += 32) {
-            const __m512i a = _mm512_loadu_si512(v0 + d), b = _mm512_loadu_si512(v1 + d);
+            const __m512i a = _mm512_loadu_si512(v0 + d);
+            const __m512i b = v1 ? _mm512_loadu_si512(v1 + d) : _mm512_setzero_si512();
             _mm512_storeu_si512(vj + d, _mm512_permutex2var_epi16(a, lo, b));
             _mm512_storeu_si512(vj + d + 16, _mm512_permutex2var_epi16(a, hi, b));
         }
-        for (; d < D; ++d) vj[d] = uint32_t{v0[d]} | (uint32_t{v1[d]} << 16);
-    }
-}
-#else
-inline void softmax_block(Scratch& w, int64_t kpad, float scale, int64_t D) {
-    float mx[kRowBlock], alpha[kRowBlock];
-    std::copy(w.m, w.m + kRowBlock, mx);
-    for (int64_t j = 0; j < kpad; ++j) {
-        const float* sj = w.s.data() + j * kRowBlock;
-#pragma omp simd
-        for (int64_t r = 0; r < kRowBlock; ++r) mx[r] = sj[r] > mx[r] ? sj[r] : mx[r];
-    }
-    for (int64_t r = 0; r < kRowBlock; ++r) {
-        alpha[r] = w.m[r] == -INFINITY ? 0.0f : exp_nonpositive((w.m[r] - mx[r]) * scale);
-        w.l[r] *= alpha[r];
-        w.m[r] = mx[r];
-    }
-    for (int64_t d = 0; d < D; ++d) {
-        float* od = w.o.data() + d * kRowBlock;
-#pragma omp simd
-        for (int64_t r = 0; r < kRowBlock; ++r) od[r] *= alpha[r];
-    }
-    for (int64_t j = 0; j < kpad; j += 2) {
-        const float* s0 = w.s.data() + j * kRowBlock;
-        const float* s1 = s0 + kRowBlock;
-        uint32_t* pj = w.pp.data() + (j / 2) * kRowBlock;
-#pragma omp simd
-        for (int64_t r = 0; r < kRowBlock; ++r) {
-            const float p0 = s0[r] == -INFINITY ? 0.0f : exp_nonpositive((s0[r] - mx[r]) * scale);
-            const float p1 = s1[r] == -INFINITY ? 0.0f : exp_nonpositive((s1[r] - mx[r]) * scale);
-            w.l[r] += p0 + p1;
-            pj[r] = bf16_bits(p0) | (bf16_bits(p1) << 16);
-        }
+        for (; d < D; ++d) vj[d] = uint32_t{v0[d]} | (v1 ? uint32_t{v1[d]} << 16 : 0u);
     }
 }
 
-inline void pack_values(Scratch& w, const uint16_t* values, const int64_t* idx, int64_t kn, int64_t kpad, int64_t D,
-                        const uint16_t* zero_row) {
-    for (int64_t j = 0; j < kpad; j += 2) {
-        const uint16_t* v0 = j < kn ? values + idx[j] * D : zero_row;
-        const uint16_t* v1 = j + 1 < kn ? values + idx[j + 1] * D : zero_row;
-        uint32_t* vj = w.vp.data() + (j / 2) * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) vj[d] = uint32_t{v0[d]} | (uint32_t{v1[d]} << 16);
+// o[i0 + r][d0 : d0 + 16 DV] += w.p[r] . vp[:, d0 : d0 + 16 DV] for the tile's RT rows: the
+// accumulators stay in registers over the block's 32 key pairs (both bounds compile-time).
+template <int RT, int DV>
+inline void add_values(Scratch& w, int64_t i0, int64_t d0, int64_t D) {
+    __m512 o[RT][DV];
+    for (int r = 0; r < RT; ++r)
+        for (int v = 0; v < DV; ++v) o[r][v] = _mm512_loadu_ps(w.o.data() + (i0 + r) * D + d0 + 16 * v);
+    for (int64_t jp = 0; jp < kKeyBlock / 2; ++jp) {
+        const uint32_t* vj = w.vp.data() + jp * D + d0;
+        __m512i vv[DV];
+        for (int v = 0; v < DV; ++v) vv[v] = _mm512_loadu_si512(vj + 16 * v);
+        for (int r = 0; r < RT; ++r)
+            for (int v = 0; v < DV; ++v) o[r][v] = pair_dot(o[r][v], vv[v], w.p[r][jp]);
     }
+    for (int r = 0; r < RT; ++r)
+        for (int v = 0; v < DV; ++v) _mm512_storeu_ps(w.o.data() + (i0 + r) * D + d0 + 16 * v, o[r][v]);
+}
+
+// Rows [i0, i0 + RT) of the item against the packed key block at context position kb: scores,
+// mask, online softmax (rescaling the rows' outputs when their max moves), probabilities as bf16
+// pairs in w.p, then their product with the packed values added to the rows' outputs.
+template <int RT>
+void tile(Scratch& w, Rows& rows, int64_t i0, int64_t kb, bool masked, float c, int64_t D) {
+    const int64_t pairs = D / 2;
+    __m512 acc[RT][4];
+    for (int r = 0; r < RT; ++r)
+        for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_ps();
+    const uint32_t* qr[RT];
+    for (int r = 0; r < RT; ++r) qr[r] = reinterpret_cast<const uint32_t*>(rows.q[i0 + r]);
+    for (int64_t p = 0; p < pairs; ++p) {
+        const uint32_t* kp = w.kp.data() + p * kKeyBlock;
+        const __m512i k0 = _mm512_loadu_si512(kp), k1 = _mm512_loadu_si512(kp + 16);
+        const __m512i k2 = _mm512_loadu_si512(kp + 32), k3 = _mm512_loadu_si512(kp + 48);
+        for (int r = 0; r < RT; ++r) {
+            const uint32_t b = qr[r][p];
+            acc[r][0] = pair_dot(acc[r][0], k0, b);
+            acc[r][1] = pair_dot(acc[r][1], k1, b);
+            acc[r][2] = pair_dot(acc[r][2], k2, b);
+            acc[r][3] = pair_dot(acc[r][3], k3, b);
+        }
+    }
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 neg_inf = _mm512_set1_ps(-INFINITY), cv = _mm512_set1_ps(c);
+    for (int r = 0; r < RT; ++r) {
+        const int64_t i = i0 + r;
+        __mmask16 keep[4] = {0xffff, 0xffff, 0xffff, 0xffff};
+        if (masked) {
+            const __m512i last = _mm512_set1_epi32(static_cast<int>(rows.last[i] - kb));  // < 2^31: checked by the caller
+            for (int v = 0; v < 4; ++v) {
+                keep[v] = _mm512_cmple_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32(16 * v)), last);
+                acc[r][v] = _mm512_mask_blend_ps(keep[v], neg_inf, acc[r][v]);
+            }
+        }
+        const float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(acc[r][0], acc[r][1]),
+                                                            _mm512_max_ps(acc[r][2], acc[r][3])));
+        const float m_old = rows.m[i];
+        if (mx > m_old) {
+            if (m_old != -INFINITY) {  // rescale what this row summed so far
+                const float alpha = std::exp2((m_old - mx) * c);
+                rows.l[i] *= alpha;
+                float* o = w.o.data() + i * D;
+                const __m512 av = _mm512_set1_ps(alpha);
+                for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), av));
+            }
+            rows.m[i] = mx;
+        }
+        const __m512 mc = _mm512_set1_ps(rows.m[i] * c);
+        __m512 pv[4];
+        for (int v = 0; v < 4; ++v) pv[v] = _mm512_maskz_mov_ps(keep[v], exp2_nonpositive(_mm512_fmsub_ps(acc[r][v], cv, mc)));
+        rows.l[i] += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(pv[0], pv[1]), _mm512_add_ps(pv[2], pv[3])));
+        _mm512_storeu_si512(w.p[r], bf16_two(pv[0], pv[1]));
+        _mm512_storeu_si512(w.p[r] + 16, bf16_two(pv[2], pv[3]));
+    }
+    // outputs += probabilities x values, 64 dims (4 vectors) at a time
+    int64_t d0 = 0;
+    for (; d0 + 64 <= D; d0 += 64) add_values<RT, 4>(w, i0, d0, D);
+    switch ((D - d0) / 16) {
+        case 3: add_values<RT, 3>(w, i0, d0, D); break;
+        case 2: add_values<RT, 2>(w, i0, d0, D); break;
+        case 1: add_values<RT, 1>(w, i0, d0, D); break;
+        default: break;
+    }
+}
+
+void attend_item(const Args& a, const Item& it, Scratch& w) {
+    const int64_t D = a.head_dim, Hk = a.num_kv_heads, ctx = a.ctxs[it.c];
+    const int64_t* idx = a.kv_index + a.kv_offsets[it.c];
+    const uint16_t* keys = a.cache + it.h * a.num_slots * D;
+    const uint16_t* values = a.cache + (Hk + it.h) * a.num_slots * D;
+    Rows rows = resolve_rows(a, it);
+    std::fill(w.o.begin(), w.o.begin() + rows.count * D, 0.0f);
+    const float c = a.scale * 1.44269504088896341f;  // scores are raw dot products: p = 2^((s - m) * c)
+    for (int64_t kb = 0; kb <= rows.last_max; kb += kKeyBlock) {  // blocks past every row's last position: skipped
+        const int64_t kn = std::min(kKeyBlock, ctx - kb);
+        pack_keys(w, keys, idx + kb, kn, D);
+        pack_values(w, values, idx + kb, kn, D);
+        const bool masked = kb + kKeyBlock - 1 > rows.last_min;  // the causal corner, the padding keys
+        int64_t i = 0;
+        for (; i + kRowTile <= rows.count; i += kRowTile) tile<kRowTile>(w, rows, i, kb, masked, c, D);
+        switch (rows.count - i) {
+            case 4: tile<4>(w, rows, i, kb, masked, c, D); break;
+            case 3: tile<3>(w, rows, i, kb, masked, c, D); break;
+            case 2: tile<2>(w, rows, i, kb, masked, c, D); break;
+            case 1: tile<1>(w, rows, i, kb, masked, c, D); break;
+            default: break;
+        }
+    }
+    for (int64_t i = 0; i < rows.count; ++i) {
+        const float inv = 1.0f / rows.l[i];
+        const float* o = w.o.data() + i * D;
+        for (int64_t d = 0; d < D; ++d) rows.out[i][d] = BF16::store(o[d] * inv);
+    }
+}
+
+Scratch make_scratch(int64_t D) {
+    Scratch w;
+    w.kp.resize(D / 2 * kKeyBlock);
+    w.vp.resize(kKeyBlock / 2 * D);
+    w.o.resize(kItemRows * D);
+    return w;
+}
+#else
+// Plain loops over the same arithmetic: bf16 pair products summed in float32, probabilities
+// rounded to bf16 pairs, the online softmax over blocks of 64 keys.
+struct Scratch {
+    std::vector<float> o;  // [kItemRows][D]
+    std::vector<float> s;  // [kKeyBlock]
+};
+
+void attend_item(const Args& a, const Item& it, Scratch& w) {
+    const int64_t D = a.head_dim, Hk = a.num_kv_heads, ctx = a.ctxs[it.c], pairs = D / 2;
+    const int64_t* idx = a.kv_index + a.kv_offsets[it.c];
+    const uint16_t* keys = a.cache + it.h * a.num_slots * D;
+    const uint16_t* values = a.cache + (Hk + it.h) * a.num_slots * D;
+    Rows rows = resolve_rows(a, it);
+    std::fill(w.o.begin(), w.o.begin() + rows.count * D, 0.0f);
+    const float c = a.scale * 1.44269504088896341f;
+    for (int64_t kb = 0; kb <= rows.last_max; kb += kKeyBlock) {
+        const int64_t kn = std::min(kKeyBlock, ctx - kb);
+        for (int64_t i = 0; i < rows.count; ++i) {
+            const uint32_t* q = reinterpret_cast<const uint32_t*>(rows.q[i]);
+            const int64_t upto = std::min(kn, rows.last[i] - kb + 1);  // keys of this block the row sees
+            if (upto <= 0) continue;
+            float mx = -INFINITY;
+            for (int64_t j = 0; j < upto; ++j) {
+                const uint32_t* k = reinterpret_cast<const uint32_t*>(keys + idx[kb + j] * D);
+                float s = 0.0f;
+                for (int64_t p = 0; p < pairs; ++p)
+                    s += bf16_lo(q[p]) * bf16_lo(k[p]) + bf16_hi(q[p]) * bf16_hi(k[p]);
+                w.s[j] = s;
+                mx = std::max(mx, s);
+            }
+            float* o = w.o.data() + i * D;
+            if (mx > rows.m[i]) {
+                if (rows.m[i] != -INFINITY) {
+                    const float alpha = std::exp2((rows.m[i] - mx) * c);
+                    rows.l[i] *= alpha;
+                    for (int64_t d = 0; d < D; ++d) o[d] *= alpha;
+                }
+                rows.m[i] = mx;
+            }
+            for (int64_t j = 0; j < upto; ++j) {
+                const float p = std::exp2((w.s[j] - rows.m[i]) * c);
+                rows.l[i] += p;
+                const float pb = BF16::load(static_cast<uint16_t>(bf16_bits(p)));
+                const uint16_t* v = values + idx[kb + j] * D;
+                for (int64_t d = 0; d < D; ++d) o[d] += pb * BF16::load(v[d]);
+            }
+        }
+    }
+    for (int64_t i = 0; i < rows.count; ++i) {
+        const float inv = 1.0f / rows.l[i];
+        const float* o = w.o.data() + i * D;
+        for (int64_t d = 0; d < D; ++d) rows.out[i][d] = BF16::store(o[d] * inv);
+    }
+}
+
+Scratch make_scratch(int64_t D) {
+    Scratch w;
+    w.o.resize(kItemRows * D);
+    w.s.resize(kKeyBlock);
+    return w;
 }
 #endif
 
-// Attend rows [r0, r0 + kRowBlock) of chunk c's rows for KV head h.
-void attend_block(const Args& a, int64_t c, int64_t h, int64_t r0, Scratch& w, const uint16_t* zero_row) {
-    const int64_t D = a.head_dim, Hk = a.num_kv_heads, g = a.num_q_heads / Hk, pairs = D / 2;
-    const int64_t n = a.lens[c], ctx = a.ctxs[c], rows = n * g;
-    const int64_t* idx = a.kv_index + a.kv_offsets[c];
-    const uint16_t* keys = a.cache + h * a.num_slots * D;
-    const uint16_t* values = a.cache + (Hk + h) * a.num_slots * D;
-
-    // pack the rows' queries as pairs, lanes over rows (padding rows: zeros, attending like the last token)
-    int64_t last_min = INT64_MAX, last_max = 0;
-    for (int64_t r = 0; r < kRowBlock; ++r) {
-        const int64_t row = r0 + r, t = std::min(row, rows - 1) / g;
-        w.last[r] = ctx - n + t;
-        last_min = std::min(last_min, w.last[r]);
-        last_max = std::max(last_max, w.last[r]);
-        w.m[r] = -INFINITY;
-        w.l[r] = 0.0f;
-        if (row < rows) {
-            const uint32_t* qrow =
-                reinterpret_cast<const uint32_t*>(a.q + (a.q_start[c] + t) * a.q_stride + (h * g + row % g) * D);
-            for (int64_t p = 0; p < pairs; ++p) w.qp[p * kRowBlock + r] = qrow[p];
-        } else {
-            for (int64_t p = 0; p < pairs; ++p) w.qp[p * kRowBlock + r] = 0;
-        }
-    }
-    std::fill(w.o.begin(), w.o.end(), 0.0f);
-
-    const uint32_t* krows[kKeyTile];
-    for (int64_t kb = 0; kb <= last_max; kb += kKeyBlock) {  // blocks past every row's last position: skipped
-        const int64_t kn = std::min(kKeyBlock, ctx - kb);
-        const int64_t tiles = (kn + kKeyTile - 1) / kKeyTile, kpad = tiles * kKeyTile;
-        for (int64_t t = 0; t < tiles; ++t) {
-            for (int64_t j = 0; j < kKeyTile; ++j) {
-                const int64_t k = t * kKeyTile + j;
-                krows[j] = reinterpret_cast<const uint32_t*>(k < kn ? keys + idx[kb + k] * D : zero_row);
-            }
-            score_tile(w.qp.data(), krows, pairs, w.s.data() + t * kKeyTile * kRowBlock);
-        }
-        if (kb + kpad - 1 > last_min) mask_block(w, kb, kn, kpad);  // the causal corner, the padding keys
-        softmax_block(w, kpad, a.scale, D);
-        pack_values(w, values, idx + kb, kn, kpad, D, zero_row);
-        for (int64_t d = 0; d < D; d += kDimTile)
-            output_tile(w.pp.data(), w.vp.data() + d, D, kpad / 2, w.o.data() + d * kRowBlock);
-    }
-
-    for (int64_t r = 0; r < kRowBlock && r0 + r < rows; ++r) {
-        const int64_t row = r0 + r, t = row / g;
-        uint16_t* orow = a.out + (a.q_start[c] + t) * a.out_stride + (h * g + row % g) * D;
-        const float inv = 1.0f / w.l[r];
-        for (int64_t d = 0; d < D; ++d) orow[d] = BF16::store(w.o[d * kRowBlock + r] * inv);
-    }
-}
-
 int chunk_attention(const Args& a) {
     const int64_t D = a.head_dim, Hk = a.num_kv_heads;
-    if (D <= 0 || D % kDimTile || D > kMaxHeadDim || Hk <= 0 || a.num_q_heads % Hk) return -3;
+    if (D <= 0 || D % 16 || D > kMaxHeadDim || Hk <= 0 || a.num_q_heads % Hk) return -3;
     // validate everything that indexes memory before touching any of it
-    std::vector<int64_t> blocks(a.num_chunks + 1, 0);  // work items before each chunk, per KV head
     const int64_t g = a.num_q_heads / Hk;
+    std::vector<Item> items;
     for (int64_t c = 0; c < a.num_chunks; ++c) {
         const int64_t n = a.lens[c], ctx = a.ctxs[c], off = a.kv_offsets[c];
-        if (n < 1 || ctx < n || a.q_start[c] < 0 || a.q_start[c] + n > a.num_tokens || off < 0 ||
+        if (n < 1 || ctx < n || ctx > INT32_MAX || a.q_start[c] < 0 || a.q_start[c] + n > a.num_tokens || off < 0 ||
             off + ctx > a.kv_index_len)
             return -2;
-        blocks[c + 1] = blocks[c] + (n * g + kRowBlock - 1) / kRowBlock;
+        // the chunk's rows in near-equal parts of at most kItemRows
+        const int64_t rows = n * g, parts = (rows + kItemRows - 1) / kItemRows, per = (rows + parts - 1) / parts;
+        for (int64_t h = 0; h < Hk; ++h)
+            for (int64_t r0 = 0; r0 < rows; r0 += per) items.push_back({c, h, r0, std::min(rows, r0 + per)});
     }
     int failed = 0;
 #pragma omp parallel for num_threads(a.num_threads) schedule(static)
@@ -396,23 +454,13 @@ int chunk_attention(const Args& a) {
     }
     if (failed) return -2;
 
-    const int64_t items = blocks[a.num_chunks] * Hk;
-    const std::vector<uint16_t> zero_row(D, 0);
+    const int64_t count = static_cast<int64_t>(items.size());
 #pragma omp parallel num_threads(a.num_threads)
     {
-        Scratch w;
-        w.qp.resize(D / 2 * kRowBlock);
-        w.s.resize(kKeyBlock * kRowBlock);
-        w.pp.resize(kKeyBlock / 2 * kRowBlock);
-        w.vp.resize(kKeyBlock / 2 * D);
-        w.o.resize(D * kRowBlock);
-        // items ordered (chunk, KV head, row block): a thread's consecutive items reuse the context it just read
+        Scratch w = make_scratch(D);
+        // items ordered (chunk, KV head, rows): a thread's consecutive items reuse the context it just read
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < items; ++item) {
-            const int64_t block = item / Hk, h = item % Hk;
-            const int64_t c = std::upper_bound(blocks.begin(), blocks.end(), block) - blocks.begin() - 1;
-            attend_block(a, c, h, (block - blocks[c]) * kRowBlock, w, zero_row.data());
-        }
+        for (int64_t i = 0; i < count; ++i) attend_item(a, items[i], w);
     }
     return 0;
 }
