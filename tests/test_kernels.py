@@ -552,13 +552,16 @@ def test_native_computes_only_the_active_slices():
 
 @needs_compiler
 def test_dispatch_splits_short_and_long_segments(monkeypatch):
-    """add_lora on the CPU: the native kernel for segments up to NATIVE_MAX_LEN, the matmul form
-    for longer ones (spied on), together equal to the oracle; LORAGATE_CPU_KERNELS=torch runs
-    the torch reference instead."""
-    monkeypatch.setattr(lora_dispatch, "NATIVE_MAX_LEN", 4)  # MIXED_SLOTS' 18-token segment is long
-    monkeypatch.delenv(native.BACKEND_ENV, raising=False)
-    group = GROUPS["qkv"]
+    """add_lora on the CPU: the native kernel for segments of little work (tokens x input width x
+    rank), the matmul form for bigger ones (spied on), together equal to the oracle;
+    LORAGATE_CPU_KERNELS=torch runs the torch reference instead."""
     layout = layout_for(MIXED_SLOTS)
+    group = GROUPS["qkv"]
+    in_dim = make_acts(1, group, torch.float32)[0].shape[1]
+    # room for 4 tokens at the step's largest rank: MIXED_SLOTS' 18-token segment is long
+    monkeypatch.setattr(lora_dispatch, "NATIVE_MAX_WORK", 4 * in_dim * layout.max_rank)
+    assert lora_dispatch.native_max_len(in_dim, layout.max_rank) == 4
+    monkeypatch.delenv(native.BACKEND_ENV, raising=False)
     A, B = native_weights(group, torch.float32)
     x, y0 = make_acts(len(MIXED_SLOTS), group, torch.float32)
     calls: list[str] = []

@@ -23,10 +23,23 @@ from loragate.kernels.lora_ref import add_lora_ref, add_lora_segment, check_shap
 
 BACKEND_ENV = "LORAGATE_LORA_BACKEND"
 BACKENDS = ("torch", "triton")
-# Segments up to this many tokens go through the native CPU kernel (a token's few dot products
-# against its adapter's rows, read in place); longer ones, a prefill of one adapter, through two
-# matmuls that reuse A and B across the rows.
-NATIVE_MAX_LEN = 64
+# Which segments the native CPU kernel takes: those whose work, tokens x input width x rank, is at
+# most this; the others (a prefill of one adapter, a big model's long segment, a high rank) go
+# through two matmuls that reuse A and B across the rows. The kernel does a token's few dot
+# products with no reuse across tokens, at a fraction of the matmuls' rate, but without their
+# per-call cost (~3 calls a segment, tens of microseconds each), so which is faster depends on the
+# segment's work, not on its length alone. Measured per segment on a 2-core AVX-512 host in bf16
+# (q|k|v group; `python -m bench.lora_segments`, bench/RESULTS.md), the native kernel stopped winning at a work of
+# 0.7-1.3 million (in_dim 576 rank 8: ~150 tokens; 2048 rank 8: ~80; 4096 rank 8: ~40; 576 rank 64:
+# ~25; 2048 rank 64: ~10; 4096 rank 64: under 8), which this bound keeps just below. Decode tokens
+# (length 1) always qualify. The former fixed bound of 64 tokens sent rank-64 segments of a 4096-wide
+# model to the kernel at 2-4x the matmuls' time.
+NATIVE_MAX_WORK = 700_000
+
+
+def native_max_len(in_dim: int, max_rank: int) -> int:
+    """The longest segment the native kernel takes in a step whose largest rank is `max_rank`."""
+    return max(1, NATIVE_MAX_WORK // max(in_dim * max_rank, 1))
 
 
 _triton_disabled: str | None = None  # why the Triton kernels are switched off, or None
@@ -115,7 +128,8 @@ def add_lora(
     else:  # CPU: one native call for the short segments, matmuls for the long ones
         check_shapes(x, y, A, B, slice_offsets, layout)
         active = tuple(range(A.shape[1])) if slices is None else tuple(slices)
-        lora_cpu.add_lora_native(y, x, A, B, slice_offsets, layout, active, NATIVE_MAX_LEN)
+        max_len = native_max_len(x.shape[1], layout.max_rank)
+        lora_cpu.add_lora_native(y, x, A, B, slice_offsets, layout, active, max_len)
         for seg in layout.segments:
-            if seg.length > NATIVE_MAX_LEN:
+            if seg.length > max_len:
                 add_lora_segment(y, x, A, B, slice_offsets, seg, active)
