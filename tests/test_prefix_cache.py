@@ -103,6 +103,31 @@ def test_refcounts_lru_and_eviction_order():
     pool.check()
 
 
+def test_a_memoised_match_follows_evictions_commits_and_promises():
+    """match() memoises a sequence's cached run; evicting or caching a block must expire it, and
+    a promise made after it (another admission) must still show as pending."""
+    pool = PrefixCache(4, BS)
+    first = FakeSeq(list(range(9)))
+    run_seq(pool, first, BASE_IDENTITY)  # blocks 0-1 cached, 2 partial
+    table = list(first.block_table)
+    pool.release(first)
+    waiting = FakeSeq(list(range(9)) + [50, 51, 52, 53])  # 13 tokens: 3 full blocks to look up
+    assert pool.match(waiting, BASE_IDENTITY).blocks == table[:2]
+    got = pool.allocate(4)  # takes the empty blocks, then evicts the two cached ones
+    assert pool.evictions == 2
+    assert pool.match(waiting, BASE_IDENTITY).blocks == []  # not the memoised, evicted run
+    pool.free(got)
+    twin = FakeSeq(list(waiting.tokens))
+    admit(pool, twin, BASE_IDENTITY)  # promises the blocks waiting would look up next
+    m = pool.match(waiting, BASE_IDENTITY)
+    assert m.blocks == [] and m.pending
+    twin.num_computed = 8
+    pool.commit(twin)  # its first two blocks are now cached content
+    assert pool.match(waiting, BASE_IDENTITY).blocks == twin.block_table[:2]
+    pool.release(twin)
+    pool.check()
+
+
 def test_promised_blocks_are_pending_until_computed_or_withdrawn():
     pool = PrefixCache(16, BS)
     seq = FakeSeq(list(range(12)))

@@ -55,6 +55,9 @@ class PrefixState:
     keys: list[bytes] = field(default_factory=list)  # keys of its leading full blocks (memoised)
     committed: int = 0  # leading blocks of its table that hold computed, keyed content
     promised: int = 0  # leading blocks whose keys it promised to compute (see PrefixCache.start)
+    # the last match's cached run, valid while the pool's cached contents are unchanged:
+    # (pool generation, identity, blocks looked up, blocks found)
+    matched: tuple[int, bytes, int, list[int]] | None = None
 
 
 class SequenceLike(Protocol):
@@ -93,6 +96,7 @@ class PrefixCache:
         self._key: list[bytes | None] = [None] * num_blocks  # set iff the block is cached content
         self._by_key: dict[bytes, int] = {}
         self._promised: Counter[bytes] = Counter()
+        self._generation = 0  # bumped whenever a key enters or leaves _by_key (memoised matches expire)
         self.queries = 0  # prompt tokens looked up by newly admitted requests
         self.hits = 0  # of those, tokens found in the cache
         self.evictions = 0  # cached blocks reclaimed by allocations
@@ -128,6 +132,7 @@ class PrefixCache:
                 del self._by_key[self._key[b]]
                 self._key[b] = None
                 self.evictions += 1
+                self._generation += 1
             self._ref[b] = 1
             out.append(b)
         return out
@@ -162,17 +167,28 @@ class PrefixCache:
 
     def match(self, seq: SequenceLike, identity: bytes | None) -> Match:
         """The longest run of cached blocks that starts seq's tokens, short of the block holding
-        its last token (which must be computed to have logits)."""
+        its last token (which must be computed to have logits). The run is memoised on the sequence
+        until the cached contents change: the scheduler asks again for every waiting head each time
+        it admits one, which with many clients was most of a burst's scheduling time; whether the
+        next block is promised is looked up afresh, since admissions promise blocks."""
         if not self.enabled or identity is None:
             return Match([])
         limit = (seq.num_tokens - 1) // self.block_size
-        blocks: list[int] = []
-        for key in self.hashes(seq, identity, limit)[:limit]:
-            b = self._by_key.get(key)
-            if b is None:
-                return Match(blocks, pending=key in self._promised)
-            blocks.append(b)
-        return Match(blocks)
+        st = seq.prefix
+        memo = st.matched
+        if (memo is not None and memo[0] == self._generation and memo[1] == identity and memo[2] == limit
+                and st.identity == identity):
+            blocks = memo[3]
+        else:
+            blocks = []
+            for key in self.hashes(seq, identity, limit)[:limit]:
+                b = self._by_key.get(key)
+                if b is None:
+                    break
+                blocks.append(b)
+            st.matched = (self._generation, identity, limit, blocks)
+        pending = len(blocks) < limit and st.keys[len(blocks)] in self._promised
+        return Match(list(blocks), pending=pending)
 
     def can_start(self, match: Match, new: int) -> bool:
         """Whether the match's blocks can be referenced and `new` more allocated, together."""
@@ -211,6 +227,7 @@ class PrefixCache:
             if key not in self._by_key:
                 self._key[b] = key
                 self._by_key[key] = b
+                self._generation += 1
             if j < st.promised:
                 self._unpromise(key)
         st.committed = done

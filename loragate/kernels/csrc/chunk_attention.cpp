@@ -195,6 +195,7 @@ struct Scratch {
     std::vector<uint32_t> kp;  // [D/2][kKeyBlock] the key block as pairs of dims, lanes over keys
     std::vector<uint32_t> vp;  // [kKeyBlock/2][D] the value block as pairs of keys, lanes over dims
     std::vector<float> o;      // [kItemRows][D] unnormalised outputs
+    std::vector<float> lsum;   // [kItemRows][16] each row's sum of exp, as 16 partial sums
     uint32_t p[kRowTile][kKeyBlock / 2];  // a tile's probabilities, bf16 pairs of consecutive keys
 };
 
@@ -296,23 +297,27 @@ void tile(Scratch& w, Rows& rows, int64_t i0, int64_t kb, bool masked, float c, 
                 acc[r][v] = _mm512_mask_blend_ps(keep[v], neg_inf, acc[r][v]);
             }
         }
-        const float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(acc[r][0], acc[r][1]),
-                                                            _mm512_max_ps(acc[r][2], acc[r][3])));
+        // the row's running max moves only when some score of the block exceeds it (after the first
+        // blocks, rarely): only then the horizontal max and the rescaling
+        const __m512 block_max = _mm512_max_ps(_mm512_max_ps(acc[r][0], acc[r][1]), _mm512_max_ps(acc[r][2], acc[r][3]));
         const float m_old = rows.m[i];
-        if (mx > m_old) {
+        float* lsum = w.lsum.data() + i * 16;
+        if (_mm512_cmp_ps_mask(block_max, _mm512_set1_ps(m_old), _CMP_GT_OQ)) {
+            const float mx = _mm512_reduce_max_ps(block_max);
             if (m_old != -INFINITY) {  // rescale what this row summed so far
-                const float alpha = std::exp2((m_old - mx) * c);
-                rows.l[i] *= alpha;
+                const __m512 alpha = _mm512_set1_ps(std::exp2((m_old - mx) * c));
+                _mm512_storeu_ps(lsum, _mm512_mul_ps(_mm512_loadu_ps(lsum), alpha));
                 float* o = w.o.data() + i * D;
-                const __m512 av = _mm512_set1_ps(alpha);
-                for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), av));
+                for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), alpha));
             }
             rows.m[i] = mx;
         }
         const __m512 mc = _mm512_set1_ps(rows.m[i] * c);
         __m512 pv[4];
         for (int v = 0; v < 4; ++v) pv[v] = _mm512_maskz_mov_ps(keep[v], exp2_nonpositive(_mm512_fmsub_ps(acc[r][v], cv, mc)));
-        rows.l[i] += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(pv[0], pv[1]), _mm512_add_ps(pv[2], pv[3])));
+        // the sum of exp stays a vector of 16 partial sums until the item ends
+        _mm512_storeu_ps(lsum, _mm512_add_ps(_mm512_loadu_ps(lsum), _mm512_add_ps(_mm512_add_ps(pv[0], pv[1]),
+                                                                                 _mm512_add_ps(pv[2], pv[3]))));
         _mm512_storeu_si512(w.p[r], bf16_two(pv[0], pv[1]));
         _mm512_storeu_si512(w.p[r] + 16, bf16_two(pv[2], pv[3]));
     }
@@ -334,6 +339,7 @@ void attend_item(const Args& a, const Item& it, Scratch& w) {
     const uint16_t* values = a.cache + (Hk + it.h) * a.num_slots * D;
     Rows rows = resolve_rows(a, it);
     std::fill(w.o.begin(), w.o.begin() + rows.count * D, 0.0f);
+    std::fill(w.lsum.begin(), w.lsum.begin() + rows.count * 16, 0.0f);
     const float c = a.scale * 1.44269504088896341f;  // scores are raw dot products: p = 2^((s - m) * c)
     for (int64_t kb = 0; kb <= rows.last_max; kb += kKeyBlock) {  // blocks past every row's last position: skipped
         const int64_t kn = std::min(kKeyBlock, ctx - kb);
@@ -351,7 +357,7 @@ void attend_item(const Args& a, const Item& it, Scratch& w) {
         }
     }
     for (int64_t i = 0; i < rows.count; ++i) {
-        const float inv = 1.0f / rows.l[i];
+        const float inv = 1.0f / _mm512_reduce_add_ps(_mm512_loadu_ps(w.lsum.data() + i * 16));
         const float* o = w.o.data() + i * D;
         for (int64_t d = 0; d < D; ++d) rows.out[i][d] = BF16::store(o[d] * inv);
     }
@@ -362,6 +368,7 @@ Scratch make_scratch(int64_t D) {
     w.kp.resize(D / 2 * kKeyBlock);
     w.vp.resize(kKeyBlock / 2 * D);
     w.o.resize(kItemRows * D);
+    w.lsum.resize(kItemRows * 16);
     return w;
 }
 #else
