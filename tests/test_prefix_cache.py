@@ -446,3 +446,43 @@ def test_fairness_charges_only_the_prompt_tokens_computed(base, vocab):
     out_cost = 2.0 * 5
     assert counters[False] == [(35 + out_cost, 0), (2 * (35 + out_cost), 0)]
     assert counters[True] == [(35 + out_cost, 0), (35 + out_cost + 3 + out_cost, 32)]
+
+
+def test_native_chunk_attention_in_bf16_agrees_with_the_torch_path(base, adapters, vocab, monkeypatch):
+    """In bf16 on the CPU the chunks after cached prefixes go to the fused native kernel
+    (kernels/chunk_attention.py) where it runs; through the batched torch path the same burst gives
+    the first tokens (the ones the chunks' attention computes) with the same logprobs up to bf16
+    noise, and the same token unless the two best were within that noise of each other. Later
+    tokens are left out: once a near-tie of the random checkpoint breaks differently, the two runs
+    follow different texts."""
+    from loragate.kernels import chunk_attention as native_chunks
+    from loragate.kernels import native
+
+    if native_chunks.path() is None:
+        pytest.skip("the native chunk kernel is unavailable here")
+    monkeypatch.setenv(native.BACKEND_ENV, "native")  # the kernel on any path this host runs
+    work = shared_prefix_workload(vocab)
+    calls = []
+    real = native_chunks.chunk_attention_native
+    monkeypatch.setattr(native_chunks, "chunk_attention_native", lambda *a: calls.append(a[3].numel()) or real(*a))
+    results = {}
+    for kernel in (True, False):
+        if not kernel:
+            monkeypatch.setattr(native_chunks, "use_native", lambda dtype, device: False)
+        engine = engine_with(base, adapters, dtype="bfloat16")
+        calls.clear()  # the start-up self-check probed the kernel
+        reqs = [request(p, adapter=a, ignore_eos=True, logprobs=2) for p, a in work]
+        outs = run_to_completion(engine, {0: reqs[:4], 3: reqs[4:]})
+        results[kernel] = [(outs[r.request_id][0].new_logprobs[0], outs[r.request_id][-1].cached_tokens) for r in reqs]
+        assert_all_released(engine)
+        engine.shutdown()
+        if kernel:
+            assert calls and max(calls) >= 3  # the second wave's chunks went in one native call
+        else:
+            assert not calls  # the torch run never called the kernel
+    assert sum(cached for _, cached in results[True]) > 0
+    for (first, cached), (ref, ref_cached) in zip(results[True], results[False]):
+        assert cached == ref_cached
+        assert first.top[0][1] == pytest.approx(ref.top[0][1], abs=0.05)  # the best token's logprob
+        if first.token_id != ref.token_id:
+            assert ref.top[0][1] - ref.top[1][1] < 0.05  # only a near-tie may break the other way

@@ -97,7 +97,8 @@ struct Rows {
     const uint16_t* q[kItemRows];  // each row's query (D bf16)
     uint16_t* out[kItemRows];      // where its output goes
     int64_t last[kItemRows];       // the last context position it may attend to
-    float m[kItemRows], l[kItemRows];  // running max (raw score) and sum of exp
+    float m[kItemRows];            // running max (raw score)
+    float l[kItemRows];            // sum of exp (the portable path; AVX-512 keeps 16 partial sums in its scratch)
     int64_t count, last_min, last_max;
 };
 
