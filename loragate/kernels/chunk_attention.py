@@ -34,24 +34,22 @@ _ARGTYPES = [
     ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # Hq, Hk, D
     ctypes.c_float, ctypes.c_int,  # scale, threads
 ]
-_paths: dict[str, str | None] = {}  # built library file -> its arithmetic path (asked once)
+_paths: dict[str, str] = {}  # built library file -> its arithmetic path (asked once)
 _ERRORS = {-1: "only bfloat16 is supported", -2: "an index or length is out of range",
            -3: "head_dim must be a multiple of 16 up to 256 and Hq a multiple of Hk"}
 
 
 def path() -> str | None:
     """The library's arithmetic path ("avx512-bf16", "avx512", "portable"), None when it did not
-    build or this CPU cannot run it."""
+    build or this CPU cannot run it (native.py refuses a library built for instructions it lacks)."""
     build = native.load(LIBRARY)
     if build.library is None:
         return None
     key = str(build.path)
     if key not in _paths:
-        supported = build.library.loragate_chunk_attention_cpu_supported
-        supported.restype, supported.argtypes = ctypes.c_int, []
         name = build.library.loragate_chunk_attention_path
         name.restype, name.argtypes = ctypes.c_char_p, []
-        _paths[key] = name().decode() if supported() else None
+        _paths[key] = name().decode()
     return _paths[key]
 
 

@@ -27,6 +27,7 @@ form above stays as the fallback on other hosts and as the kernel's oracle in th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -109,12 +110,9 @@ def plan_native(chunks: list) -> tuple[list[NativeChunks], list]:
     if not short:
         return [], rest
     ctxs = [c.kv_index.numel() for c in short]
-    offsets = [0]
-    for n in ctxs[:-1]:
-        offsets.append(offsets[-1] + n)
     plan = NativeChunks(q_start=torch.tensor([c.start for c in short]),
                         lens=torch.tensor([c.end - c.start for c in short]), ctxs=torch.tensor(ctxs),
-                        kv_offsets=torch.tensor(offsets),
+                        kv_offsets=torch.tensor([0, *accumulate(ctxs[:-1])]),
                         kv_index=torch.cat([c.kv_index.reshape(-1) for c in short]).to(torch.int64).contiguous())
     return [plan], rest
 

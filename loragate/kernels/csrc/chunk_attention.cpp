@@ -482,19 +482,6 @@ extern "C" {
 // only on the first; the others exist so that the algorithm is tested on every host.
 const char* loragate_chunk_attention_path() { return LORAGATE_CHUNK_PATH; }
 
-// 1 when this CPU runs the library's path: isa.h's check, plus AVX-512 BF16 where it was compiled in.
-#if defined(__x86_64__) || defined(__i386__)
-__attribute__((target("arch=x86-64")))
-#endif
-int loragate_chunk_attention_cpu_supported() {
-#if defined(__AVX512BF16__)
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") && loragate_cpu_supported();
-#else
-    return loragate_cpu_supported();
-#endif
-}
-
 // dtype: only 1 (bfloat16). Shapes: q [num_tokens, num_q_heads, head_dim] with rows q_stride
 // elements apart (heads contiguous); cache [2 * num_kv_heads, num_slots, head_dim] contiguous (keys,
 // then values), this step's keys and values already written; per chunk c: its query rows

@@ -99,7 +99,11 @@ int loragate_cpu_supported() {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("bmi2");
+           __builtin_cpu_supports("bmi2")
+#if defined(__AVX512BF16__)
+           && __builtin_cpu_supports("avx512bf16")  // a library that uses bf16 dot products (chunk_attention)
+#endif
+        ;
 #elif defined(LORAGATE_VEC_AVX2)
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
 #else
