@@ -18,8 +18,8 @@ from loragate.kernels import chunk_attention as native_chunks
 from loragate.kernels import native
 
 # (tokens, context): a one-token chunk, a chunk that is its whole context, contexts on and off the
-# kernel's 8-key tiles and 64-key blocks, query rows (tokens x group) on both sides of its 32-row
-# blocks, the longest chunk the engine sends it
+# kernel's 16-key vectors and 64-key blocks, query rows (tokens x group) that fill its 5-row tiles
+# unevenly and span several 96-row items, the longest chunk the engine sends it
 SHAPES = [(1, 1), (5, 8), (3, 64), (7, 65), (11, 11), (28, 130), (2, 129), (64, 200), (1, 300), (16, 17)]
 
 

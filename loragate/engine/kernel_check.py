@@ -314,7 +314,7 @@ def _native_probes(dtype: torch.dtype) -> dict[str, tuple[str, Callable[[], tupl
                 decode_attention_torch(q, cache, meta, D**-0.5))
 
     def chunks():
-        # short chunks over cached context (one crossing the kernel's 32-row blocks) against SDPA per
+        # short chunks over cached context (row counts off the kernel's 5-row tiles) against SDPA per
         # chunk, the engine's form without the kernel; bf16 only, the kernel's one dtype
         Hq, Hk, D = 4, 2, 16
         cache = rnd(2 * Hk, 96, D)
