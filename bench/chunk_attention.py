@@ -1,8 +1,8 @@
 """The native chunk-attention kernel against the torch forms, on the shapes prefill produces.
 
 bf16, SmolLM-135M heads (9 query heads over 3 KV heads, head_dim 64), a paged cache of 16-slot
-blocks in random order, each chunk's context on blocks of its own. For each case, one layer's attention of every chunk, best of
---repeats, taking turns:
+blocks in random order, each chunk's context on blocks of its own. For each case, one layer's
+attention of every chunk, best of --repeats, taking turns:
   native   `loragate.kernels.chunk_attention` (what the engine runs for chunks of at most
            `SHORT_CHUNK` tokens over cached context, where the CPU has AVX-512 BF16)
   batched  the batched torch matmuls (`engine.model.chunk_attention.attend_group`; short chunks only)

@@ -26,7 +26,8 @@ SHAPES = ((576, 8), (576, 64), (2048, 8), (2048, 64), (4096, 8), (4096, 64))  # 
 LENGTHS = ((8, 32), (16, 32), (32, 16), (48, 10), (96, 10), (160, 4))  # (tokens a segment, segments)
 
 
-def measure(in_dim: int, rank: int, length: int, segments: int, dtype: torch.dtype, repeats: int) -> tuple[float, float]:
+def measure(in_dim: int, rank: int, length: int, segments: int, dtype: torch.dtype,
+            repeats: int) -> tuple[float, float]:
     """(native, matmul) best seconds to add the delta of `segments` segments of `length` tokens."""
     g = torch.Generator().manual_seed(0)
     outs = (in_dim, in_dim // 4, in_dim // 4)  # q, k, v of a 4:1 GQA model

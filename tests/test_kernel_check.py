@@ -8,19 +8,15 @@ import logging
 
 import pytest
 import torch
-from engine_utils import make_engine, request, run_to_completion, tokens
-from native_marks import needs_compiler
 
 from loragate import cli
 from loragate.engine import kernel_check
-from loragate.engine.kernel_check import (
-    KernelCheckError,
-    check_kernels,
-    check_triton,
-    rank_buckets,
-)
+from loragate.engine.kernel_check import KernelCheckError, check_kernels, check_triton, rank_buckets
 from loragate.kernels import chunk_attention, elementwise, native
 from loragate.kernels import lora as lora_dispatch
+
+from engine_utils import make_engine, request, run_to_completion, tokens
+from native_marks import needs_compiler
 
 try:
     from loragate.kernels import lora_triton

@@ -243,21 +243,12 @@ def _triton_probes(device: torch.device, dtype: torch.dtype) -> dict[str, Callab
 
 def _native_probes(dtype: torch.dtype) -> dict[str, tuple[str, Callable[[], tuple]]]:
     """name -> (library, probe). References are the engine's own torch forms."""
-    from loragate.engine.model.attention import (
-        AttentionMetadata,
-        PrefillChunk,
-        decode_attention_torch,
-        paged_attention,
-    )
+    from loragate.engine.model.attention import (AttentionMetadata, PrefillChunk, decode_attention_torch,
+                                                 paged_attention)
     from loragate.engine.model.llama import swiglu
     from loragate.engine.model.norm import RMSNorm
     from loragate.engine.model.rope import RotaryEmbedding
-    from loragate.kernels import (
-        chunk_attention,
-        decode_attention,
-        elementwise,
-        lora_cpu,
-    )
+    from loragate.kernels import chunk_attention, decode_attention, elementwise, lora_cpu
 
     cpu = torch.device("cpu")
     g = torch.Generator().manual_seed(1)

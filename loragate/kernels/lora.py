@@ -29,11 +29,11 @@ BACKENDS = ("torch", "triton")
 # products with no reuse across tokens, at a fraction of the matmuls' rate, but without their
 # per-call cost (~3 calls a segment, tens of microseconds each), so which is faster depends on the
 # segment's work, not on its length alone. Measured per segment on a 2-core AVX-512 host in bf16
-# (q|k|v group; `python -m bench.lora_segments`, bench/RESULTS.md), the native kernel stopped winning at a work of
-# 0.7-1.3 million (in_dim 576 rank 8: ~150 tokens; 2048 rank 8: ~80; 4096 rank 8: ~40; 576 rank 64:
-# ~25; 2048 rank 64: ~10; 4096 rank 64: under 8), which this bound keeps just below. Decode tokens
-# (length 1) always qualify. The former fixed bound of 64 tokens sent rank-64 segments of a 4096-wide
-# model to the kernel at 2-4x the matmuls' time.
+# (q|k|v group; `python -m bench.lora_segments`, bench/RESULTS.md), the native kernel stopped
+# winning at a work of 0.7-1.3 million (in_dim 576 rank 8: ~150 tokens; 2048 rank 8: ~80; 4096
+# rank 8: ~40; 576 rank 64: ~25; 2048 rank 64: ~10; 4096 rank 64: under 8), which this bound keeps
+# just below. Decode tokens (length 1) always qualify. The former fixed bound of 64 tokens sent
+# rank-64 segments of a 4096-wide model to the kernel at 2-4x the matmuls' time.
 NATIVE_MAX_WORK = 700_000
 
 

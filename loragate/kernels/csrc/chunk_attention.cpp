@@ -157,9 +157,11 @@ inline __m512i bf16_two(__m512 p0, __m512 p1) {
     const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff);
     auto round = [&](__m512 p) {
         const __m512i u = _mm512_castps_si512(p);
-        return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(u, 16), one))), 16);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+        return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(half, lsb)), 16);
     };
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(round(p0))), _mm512_cvtepi32_epi16(round(p1)), 1);
+    const __m512i low = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(round(p0)));
+    return _mm512_inserti64x4(low, _mm512_cvtepi32_epi16(round(p1)), 1);
 #endif
 }
 
@@ -292,7 +294,8 @@ void tile(Scratch& w, Rows& rows, int64_t i0, int64_t kb, bool masked, float c, 
         const int64_t i = i0 + r;
         __mmask16 keep[4] = {0xffff, 0xffff, 0xffff, 0xffff};
         if (masked) {
-            const __m512i last = _mm512_set1_epi32(static_cast<int>(rows.last[i] - kb));  // < 2^31: checked by the caller
+            // the row's last position relative to the block (< 2^31: the caller checked ctx)
+            const __m512i last = _mm512_set1_epi32(static_cast<int>(rows.last[i] - kb));
             for (int v = 0; v < 4; ++v) {
                 keep[v] = _mm512_cmple_epi32_mask(_mm512_add_epi32(lane, _mm512_set1_epi32(16 * v)), last);
                 acc[r][v] = _mm512_mask_blend_ps(keep[v], neg_inf, acc[r][v]);
@@ -300,7 +303,8 @@ void tile(Scratch& w, Rows& rows, int64_t i0, int64_t kb, bool masked, float c, 
         }
         // the row's running max moves only when some score of the block exceeds it (after the first
         // blocks, rarely): only then the horizontal max and the rescaling
-        const __m512 block_max = _mm512_max_ps(_mm512_max_ps(acc[r][0], acc[r][1]), _mm512_max_ps(acc[r][2], acc[r][3]));
+        const __m512 block_max =
+            _mm512_max_ps(_mm512_max_ps(acc[r][0], acc[r][1]), _mm512_max_ps(acc[r][2], acc[r][3]));
         const float m_old = rows.m[i];
         float* lsum = w.lsum.data() + i * 16;
         if (_mm512_cmp_ps_mask(block_max, _mm512_set1_ps(m_old), _CMP_GT_OQ)) {
@@ -309,13 +313,15 @@ void tile(Scratch& w, Rows& rows, int64_t i0, int64_t kb, bool masked, float c, 
                 const __m512 alpha = _mm512_set1_ps(std::exp2((m_old - mx) * c));
                 _mm512_storeu_ps(lsum, _mm512_mul_ps(_mm512_loadu_ps(lsum), alpha));
                 float* o = w.o.data() + i * D;
-                for (int64_t d = 0; d < D; d += 16) _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), alpha));
+                for (int64_t d = 0; d < D; d += 16)
+                    _mm512_storeu_ps(o + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), alpha));
             }
             rows.m[i] = mx;
         }
         const __m512 mc = _mm512_set1_ps(rows.m[i] * c);
         __m512 pv[4];
-        for (int v = 0; v < 4; ++v) pv[v] = _mm512_maskz_mov_ps(keep[v], exp2_nonpositive(_mm512_fmsub_ps(acc[r][v], cv, mc)));
+        for (int v = 0; v < 4; ++v)
+            pv[v] = _mm512_maskz_mov_ps(keep[v], exp2_nonpositive(_mm512_fmsub_ps(acc[r][v], cv, mc)));
         // the sum of exp stays a vector of 16 partial sums until the item ends
         _mm512_storeu_ps(lsum, _mm512_add_ps(_mm512_loadu_ps(lsum), _mm512_add_ps(_mm512_add_ps(pv[0], pv[1]),
                                                                                  _mm512_add_ps(pv[2], pv[3]))));
